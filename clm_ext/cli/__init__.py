@@ -1,0 +1,29 @@
+"""`clm`: the command line. Each sub-command lives in its own module of this package, which defines
+`add_arguments(parser)` and `run(args)`; modules are imported only when their command runs."""
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": "Generate at several alignment strengths side by side.",
+    "train": "Train the alignment layer with DPO (or a full / LoRA DPO baseline).",
+    "merge": "Fold the alignment layer into a plain transformers model for one alpha.",
+    "demo": "The end-to-end demo: tiny model, VADER-judged preferences, DPO, alpha sweep.",
+    "bench": "Run one of the benchmark scripts.",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="clm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = (argv if argv is not None else sys.argv[1:])[:1]
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if chosen == [name]:
+            importlib.import_module(f"clm_ext.cli.{name}").add_arguments(p)
+    args = parser.parse_args(argv)
+    return importlib.import_module(f"clm_ext.cli.{args.command}").run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

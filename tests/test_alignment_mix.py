@@ -1,0 +1,212 @@
+"""clm_ext.ops.alignment_mix against the eager composition: values, gradients, registration, errors."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clm_ext import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+LOW_PRECISION = {torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+def make(shape, d, dtype=torch.float64, device="cpu", scale=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, d, generator=g, dtype=torch.float64)
+    weight = torch.eye(d, dtype=torch.float64) + scale * torch.randn(d, d, generator=g, dtype=torch.float64)
+    bias = scale * torch.randn(d, generator=g, dtype=torch.float64)
+    return (t.to(device=device, dtype=dtype) for t in (x, weight, bias))
+
+
+def per_sequence(values, dtype=torch.float64, device="cpu"):
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape,alpha",
+    [
+        ((3, 5), [-1.0, 0.5, 2.5]),  # per-sequence, outside [0, 1] too
+        ((3, 5), 0.7),
+        ((4,), [0.0, 1.0, -0.5, 3.0]),  # [N, d]: one alpha per row
+        ((1,), 1.0),  # a single token
+        ((), 1.5),  # x of shape [d]
+        ((2, 1, 3), [0.25, 2.0]),  # extra dimensions follow the sequence's alpha
+    ],
+)
+@pytest.mark.parametrize("d", [1, 7, 33, 64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_reference(device, dtype, shape, alpha, d, with_bias):
+    x, weight, bias = make(shape, d, dtype, device)
+    bias = bias if with_bias else None
+    a = per_sequence(alpha, torch.float32 if dtype == torch.float32 else dtype, device) if isinstance(alpha, list) else alpha
+    out = ops.alignment_mix(x, weight, bias, a)
+    ref = ops.reference_alignment_mix(x, weight, bias, a)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_alpha_zero_is_exactly_the_input(device, dtype):
+    x, weight, bias = make((2, 9), 40, dtype, device, scale=1.0)
+    assert torch.equal(ops.alignment_mix(x, weight, bias, 0.0), x)
+    assert torch.equal(ops.alignment_mix(x, weight, bias, torch.zeros(2, device=device)), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alpha_one_is_the_aligned_layer(device):
+    x, weight, bias = make((2, 9), 24, torch.float32, device)
+    torch.testing.assert_close(ops.alignment_mix(x, weight, bias, 1.0), torch.nn.functional.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION))
+def test_low_precision_forward_and_grads(device, dtype):
+    x64, w64, b64 = make((3, 17), 48, torch.float64, device)
+    alpha = per_sequence([-0.5, 1.0, 2.0], torch.float32, device)
+    tol = LOW_PRECISION[dtype]
+    inputs = [t.to(dtype).requires_grad_() for t in (x64, w64, b64)]
+    out = ops.alignment_mix(*inputs, alpha)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    exact = [t.detach().to(dtype).double().requires_grad_() for t in (x64, w64, b64)]
+    ref = ops.reference_alignment_mix(*exact, alpha.double())
+    ref.backward(grad.double())
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * scale)
+    for got, want in zip(inputs, exact):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=tol, atol=tol * want.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    x, weight, bias = make((6, 4), 16, torch.float32, device)
+    x_t = x.transpose(0, 1)  # [4, 6, 16], not contiguous
+    w_t = weight.t().contiguous().t()  # same values, transposed strides
+    alpha = per_sequence([0.0, 0.5, 1.0, 2.0], torch.float32, device)
+    out = ops.alignment_mix(x_t, w_t, bias[::1], alpha)
+    torch.testing.assert_close(out, ops.reference_alignment_mix(x_t, weight, bias, alpha))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x, weight, bias = make((0, 3), 8, torch.float64, device)
+    x.requires_grad_()
+    weight.requires_grad_()
+    out = ops.alignment_mix(x, weight, bias, per_sequence([], device=device))
+    out.sum().backward()
+    assert out.shape == (0, 3, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha_kind", ["per_sequence", "scalar"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_every_input(device, alpha_kind, with_bias):
+    x, weight, bias = make((3, 4), 6, torch.float64, device)
+    alpha = per_sequence([-1.0, 0.5, 2.0], device=device) if alpha_kind == "per_sequence" else torch.tensor(0.7, dtype=torch.float64, device=device)
+    args = [x, weight, bias if with_bias else None, alpha]
+    for t in args:
+        if t is not None:
+            t.requires_grad_()
+    assert torch.autograd.gradcheck(ops.alignment_mix, args)
+
+
+@pytest.mark.parametrize("trainable", [("weight",), ("weight", "bias"), ("x",), ("alpha",), ("x", "alpha")])
+def test_gradcheck_subsets(trainable):
+    """Each output_mask combination the backward can be asked for computes the right grads."""
+    x, weight, bias = make((2, 3), 5, torch.float64)
+    named = {"x": x, "weight": weight, "bias": bias, "alpha": per_sequence([0.3, 1.7])}
+    for name in trainable:
+        named[name].requires_grad_()
+    assert torch.autograd.gradcheck(ops.alignment_mix, tuple(named.values()))
+
+
+def test_saves_no_activation():
+    """Backward keeps only the op's inputs (x, the layer, alpha): no [N, d] intermediate."""
+    x, weight, bias = make((4, 8), 16, torch.float32)
+    alpha = per_sequence([0.0, 1.0, 2.0, 3.0], torch.float32).requires_grad_()
+    weight.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.alignment_mix(x, weight, bias, alpha)
+    inputs = {t.data_ptr() for t in (x, weight, bias, alpha)}
+    assert saved and all(t.data_ptr() in inputs for t in saved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha", [[0.5, -1.0], 1.25])
+def test_opcheck(device, alpha):
+    x, weight, bias = make((2, 3), 8, torch.float64, device)
+    a = per_sequence(alpha, device=device) if isinstance(alpha, list) else torch.tensor(alpha, dtype=torch.float64, device=device)
+    for requires_grad in (False, True):
+        args = [t.clone().requires_grad_(requires_grad) for t in (x, weight, bias, a)]
+        torch.library.opcheck(torch.ops.clm_ext.alignment_mix.default, tuple(args))
+    torch.library.opcheck(
+        torch.ops.clm_ext.alignment_mix_backward.default,
+        (torch.randn_like(x), x, weight, bias, a, [True, False, True, True]),
+    )
+
+
+def test_compiles_without_graph_breaks():
+    x, weight, bias = make((2, 5), 12, torch.float32)
+    weight.requires_grad_()
+    alpha = per_sequence([0.5, 2.0], torch.float32)
+    compiled = torch.compile(ops.alignment_mix, backend="aot_eager", fullgraph=True)
+    out = compiled(x, weight, bias, alpha)
+    out.sum().backward()
+    torch.testing.assert_close(out, ops.reference_alignment_mix(x, weight, bias, alpha))
+    assert weight.grad is not None
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    tokens=st.integers(1, 9),
+    d=st.integers(1, 70),
+    alphas=st.lists(st.floats(-3, 3, allow_nan=False), min_size=4, max_size=4),
+)
+def test_random_shapes_match_reference(batch, tokens, d, alphas):
+    x, weight, bias = make((batch, tokens), d, torch.float64, seed=d)
+    alpha = per_sequence(alphas[:batch])
+    torch.testing.assert_close(ops.alignment_mix(x, weight, bias, alpha), ops.reference_alignment_mix(x, weight, bias, alpha))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument.
+
+
+def _bad(**change):
+    x, weight, bias = make((2, 3), 8, torch.float32)
+    args = {"x": x, "weight": weight, "bias": bias, "alpha": 0.5}
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"weight": torch.eye(4)}, ValueError, r"weight must have shape \(8, 8\)"),
+        ({"weight": torch.ones(8, 4)}, ValueError, r"weight must have shape"),
+        ({"bias": torch.zeros(7)}, ValueError, r"bias must have shape \(8,\)"),
+        ({"weight": torch.eye(8, dtype=torch.float64)}, TypeError, "weight dtype"),
+        ({"bias": torch.zeros(8, dtype=torch.float16)}, TypeError, "bias dtype"),
+        ({"alpha": math.nan}, ValueError, "alpha must be finite"),
+        ({"alpha": math.inf}, ValueError, "alpha must be finite"),
+        ({"alpha": torch.tensor([0.5, math.nan])}, ValueError, "alpha must be finite"),
+        ({"alpha": torch.tensor([0.5, 1.0, 2.0])}, ValueError, "alpha has 3 values but the batch has 2"),
+        ({"alpha": torch.ones(2, 1)}, ValueError, "alpha must be 0-d or 1-D"),
+        ({"alpha": torch.tensor([1, 2])}, TypeError, "alpha must be a floating-point tensor"),
+        ({"alpha": "strong"}, TypeError, "alpha must be a float or a tensor"),
+        ({"x": torch.ones(2, 3, 8, dtype=torch.int64)}, TypeError, "x must be a floating-point tensor"),
+        ({"x": torch.ones(8), "alpha": torch.ones(1)}, ValueError, "per-sequence alpha needs a batch dimension"),
+    ],
+)
+def test_bad_input_errors(change, error, match):
+    args = _bad(**change)
+    with pytest.raises(error, match=match):
+        ops.alignment_mix(args["x"], args["weight"], args["bias"], args["alpha"])

@@ -1,0 +1,107 @@
+"""clm_ext.ops.embed_alignment_mix: the gather fused in; same results and grads as gather + mix."""
+import pytest
+import torch
+
+from clm_ext import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make(vocab, d, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    embed = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    weight = torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    bias = 0.2 * torch.randn(d, generator=g, dtype=torch.float64)
+    return (t.to(device=device, dtype=dtype) for t in (embed, weight, bias))
+
+
+def ids_for(shape, vocab, device="cpu", dtype=torch.int64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize(
+    "shape,alpha", [((3, 7), [-1.0, 0.5, 2.0]), ((3, 7), 0.25), ((5,), [0.0, 1.0, 2.0, 3.0, -2.0]), ((1, 1), 1.0)]
+)
+@pytest.mark.parametrize("d", [5, 32])
+def test_matches_gather_then_mix(device, id_dtype, shape, alpha, d):
+    embed, weight, bias = make(50, d, torch.float32, device)
+    ids = ids_for(shape, 50, device, id_dtype)
+    a = torch.tensor(alpha, device=device) if isinstance(alpha, list) else alpha
+    out = ops.embed_alignment_mix(ids, embed, weight, bias, a)
+    assert out.shape == shape + (d,)
+    torch.testing.assert_close(out, ops.reference_embed_alignment_mix(ids.long(), embed, weight, bias, a))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alpha_zero_is_the_embedding(device):
+    embed, weight, bias = make(40, 24, torch.float32, device)
+    ids = ids_for((2, 6), 40, device)
+    assert torch.equal(ops.embed_alignment_mix(ids, embed, weight, bias, 0.0), torch.nn.functional.embedding(ids, embed))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_every_input(device, with_bias):
+    """Repeated ids make the embedding grad a real scatter-add."""
+    embed, weight, bias = make(6, 5, torch.float64, device)
+    ids = torch.tensor([[0, 3, 3, 1], [5, 0, 0, 0]], device=device)
+    alpha = torch.tensor([0.5, -1.5], dtype=torch.float64, device=device)
+    args = [ids, embed, weight, bias if with_bias else None, alpha]
+    for t in args[1:]:
+        if t is not None:
+            t.requires_grad_()
+    assert torch.autograd.gradcheck(ops.embed_alignment_mix, args)
+
+
+def test_frozen_table_gets_no_grad_and_only_ids_are_saved():
+    embed, weight, bias = make(30, 8, torch.float32)
+    weight.requires_grad_()
+    ids = ids_for((2, 5), 30)
+    alpha = torch.tensor([1.0, 2.0])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops.embed_alignment_mix(ids, embed, weight, bias, alpha)
+    out.sum().backward()
+    assert embed.grad is None and weight.grad is not None
+    assert all(t.data_ptr() in {p.data_ptr() for p in (ids, embed, weight, bias, alpha)} for t in saved)
+    assert not any(t.shape == (2, 5, 8) for t in saved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    embed, weight, bias = make(10, 8, torch.float64, device)
+    ids = ids_for((2, 3), 10, device)
+    alpha = torch.tensor([0.5, 2.0], dtype=torch.float64, device=device)
+    for requires_grad in (False, True):
+        args = [ids] + [t.clone().requires_grad_(requires_grad) for t in (embed, weight, bias, alpha)]
+        torch.library.opcheck(torch.ops.clm_ext.embed_alignment_mix.default, tuple(args))
+    grad = torch.randn(2, 3, 8, dtype=torch.float64, device=device)
+    torch.library.opcheck(
+        torch.ops.clm_ext.embed_alignment_mix_backward.default,
+        (grad, ids, embed, weight, None, alpha, [True, True, False, True]),
+    )
+
+
+@pytest.mark.parametrize(
+    "ids,embed,error,match",
+    [
+        (torch.tensor([[0.0, 1.0]]), None, TypeError, "input_ids must be an int64 or int32 tensor"),
+        (torch.tensor([[0, 12]]), None, IndexError, r"input_ids must lie in \[0, 10\), got values in \[0, 12\]"),
+        (torch.tensor([[-1, 2]]), None, IndexError, "input_ids must lie in"),
+        (torch.tensor([[0, 1]]), torch.ones(10), ValueError, "embed_weight must be 2-D"),
+        (torch.tensor([[0, 1]]), torch.ones(10, 4), ValueError, r"weight must have shape \(4, 4\)"),
+    ],
+)
+def test_bad_input_errors(ids, embed, error, match):
+    table, weight, bias = make(10, 8, torch.float32)
+    with pytest.raises(error, match=match):
+        ops.embed_alignment_mix(ids, table if embed is None else embed, weight, bias, 1.0)
+
+
+def test_alpha_length_must_match_batch():
+    embed, weight, bias = make(10, 8, torch.float32)
+    with pytest.raises(ValueError, match="alpha has 3 values but the batch has 2"):
+        ops.embed_alignment_mix(ids_for((2, 4), 10), embed, weight, bias, torch.ones(3))

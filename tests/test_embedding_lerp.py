@@ -1,0 +1,51 @@
+"""clm_ext.ops.embedding_lerp: the decode path from a cached aligned table (gather + lerp, no GEMM)."""
+import pytest
+import torch
+
+from clm_ext import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make(vocab, d, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    embed = torch.randn(vocab, d, generator=g)
+    weight = torch.eye(d) + 0.2 * torch.randn(d, d, generator=g)
+    bias = 0.2 * torch.randn(d, generator=g)
+    return (t.to(device=device, dtype=dtype) for t in (embed, weight, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,alpha", [((4, 1), [0.0, 0.5, 1.0, 2.5]), ((3, 5), -0.5), ((6,), 1.0)])
+@pytest.mark.parametrize("d", [7, 64])
+def test_equals_the_fused_op(device, dtype, shape, alpha, d):
+    embed, weight, bias = make(31, d, dtype, device)
+    aligned = ops.alignment_mix(embed, weight, bias, 1.0)
+    ids = torch.randint(0, 31, shape, generator=torch.Generator().manual_seed(2)).to(device)
+    a = torch.tensor(alpha, device=device) if isinstance(alpha, list) else alpha
+    out = ops.embedding_lerp(ids, embed, aligned, a)
+    ref = ops.embed_alignment_mix(ids, embed, weight, bias, a)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+
+
+def test_alpha_zero_is_the_embedding():
+    embed, weight, bias = make(20, 16)
+    ids = torch.tensor([[3, 4, 19]])
+    assert torch.equal(ops.embedding_lerp(ids, embed, ops.alignment_mix(embed, weight, bias, 1.0), 0.0), embed[ids])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    embed, weight, bias = make(12, 8, torch.float64, device)
+    aligned = ops.alignment_mix(embed, weight, bias, 1.0)
+    ids = torch.tensor([[1, 2], [11, 0]], device=device)
+    alpha = torch.tensor([0.5, 2.0], dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.clm_ext.embedding_lerp.default, (ids, embed, aligned, alpha))
+
+
+def test_aligned_table_must_match():
+    embed, _, _ = make(12, 8)
+    with pytest.raises(ValueError, match="aligned_weight must match embed_weight"):
+        ops.embedding_lerp(torch.tensor([1]), embed, embed[:, :4], 1.0)
