@@ -36,13 +36,30 @@ at::Tensor with_hidden(const at::Tensor& rows, const at::Tensor& ids) {
   return rows.view(shape);
 }
 
+// One alpha for all rows and at least d rows: folding alpha into the weight, W_a = I + a (W - I),
+// costs O(d^2) and saves the O(rows * d) mixing pass, so the op is a single GEMM.
+bool fold_alpha_into_weight(int64_t rows, const at::Tensor& alpha, const at::Tensor& weight) {
+  return alpha.numel() == 1 && rows >= weight.size(0);
+}
+
+// W_a = a W + (1 - a) I, computed in the opmath type; exactly I at a = 0 and W at a = 1.
+at::Tensor interpolated_weight(const at::Tensor& weight, const at::Tensor& a) {
+  at::Tensor wa = weight.to(a.scalar_type()).mul(a);
+  wa.diagonal().add_(a.neg().add(1));
+  return wa.to(weight.scalar_type());
+}
+
 // h = x2 + a * (x2 W^T + b - x2) for x2 of shape [rows, d].
 at::Tensor mix_rows(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const at::Tensor& alpha, const Kernels& k) {
-  at::Tensor out = at::mm(x2, weight.t());
-  if (x2.size(0) > 0) {
-    k.mix(out, x2, bias_or_undefined(bias), alpha_values(alpha, x2), rows_per_alpha(x2.size(0), alpha));
+  const at::Tensor a = alpha_values(alpha, x2);
+  if (fold_alpha_into_weight(x2.size(0), alpha, weight)) {
+    const at::Tensor wa = interpolated_weight(weight, a).t();
+    return bias.has_value() ? at::addmm(bias->to(a.scalar_type()).mul(a).to(x2.scalar_type()), x2, wa)
+                            : at::mm(x2, wa);
   }
+  at::Tensor out = at::mm(x2, weight.t());
+  if (x2.size(0) > 0) k.mix(out, x2, bias_or_undefined(bias), a, rows_per_alpha(x2.size(0), alpha));
   return out;
 }
 
@@ -66,7 +83,9 @@ Grads mix_rows_backward(const at::Tensor& dy, const at::Tensor& x2, const at::Te
   if (need_b || (need_a && bias.has_value())) {
     seq_sums = dy.view({sequences, group, d}).sum(1, false, a.scalar_type());
   }
-  if (need_x || need_a) {
+  if (need_x && !need_a && fold_alpha_into_weight(rows, alpha, weight)) {
+    dx = at::mm(dy, interpolated_weight(weight, a));
+  } else if (need_x || need_a) {
     at::Tensor p = at::mm(dy, weight);
     at::Tensor row_dot = need_a ? at::empty({rows}, a.options()) : at::Tensor();
     k.mix_backward(p, dy, x2, a, group, row_dot);

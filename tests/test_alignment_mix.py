@@ -52,8 +52,9 @@ def test_matches_reference(device, dtype, shape, alpha, d, with_bias):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_alpha_zero_is_exactly_the_input(device, dtype):
-    x, weight, bias = make((2, 9), 40, dtype, device, scale=1.0)
+@pytest.mark.parametrize("shape", [(2, 9), (2, 30)])  # fewer rows than d: GEMM + mix; more: alpha folded in W
+def test_alpha_zero_is_exactly_the_input(device, dtype, shape):
+    x, weight, bias = make(shape, 40, dtype, device, scale=1.0)
     assert torch.equal(ops.alignment_mix(x, weight, bias, 0.0), x)
     assert torch.equal(ops.alignment_mix(x, weight, bias, torch.zeros(2, device=device)), x)
 
@@ -117,10 +118,11 @@ def test_gradcheck_every_input(device, alpha_kind, with_bias):
 
 
 @pytest.mark.parametrize("trainable", [("weight",), ("weight", "bias"), ("x",), ("alpha",), ("x", "alpha")])
-def test_gradcheck_subsets(trainable):
+@pytest.mark.parametrize("alpha", [[0.3, 1.7], 1.3])
+def test_gradcheck_subsets(trainable, alpha):
     """Each output_mask combination the backward can be asked for computes the right grads."""
     x, weight, bias = make((2, 3), 5, torch.float64)
-    named = {"x": x, "weight": weight, "bias": bias, "alpha": per_sequence([0.3, 1.7])}
+    named = {"x": x, "weight": weight, "bias": bias, "alpha": torch.tensor(alpha, dtype=torch.float64)}
     for name in trainable:
         named[name].requires_grad_()
     assert torch.autograd.gradcheck(ops.alignment_mix, tuple(named.values()))
