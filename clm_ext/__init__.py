@@ -1,4 +1,24 @@
 """clm-ext: an alignment dial for Hugging Face causal language models."""
 from . import ops
+from .generation import generate
+from .model import (
+    add_alignment_control,
+    alignment_strength,
+    load_alignment,
+    merge_alignment,
+    save_alignment,
+    set_alpha,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "add_alignment_control",
+    "set_alpha",
+    "alignment_strength",
+    "save_alignment",
+    "load_alignment",
+    "merge_alignment",
+    "generate",
+]

@@ -1,0 +1,66 @@
+"""Generation with one alignment strength per request, in one batched `generate` call.
+
+Mode "logits" needs nothing here: the wrapped model's forward already runs both streams (each with its
+own KV-cache rows) and mixes the logits, so `model.generate` works as is.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .model import _site, alignment_strength
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Union[str, Sequence[str]],
+    alphas: Optional[Union[float, Sequence[float]]] = None,
+    **generate_kwargs,
+) -> List[str]:
+    """Complete `prompts`, each at its own alpha, in one left-padded batch; return the completions.
+
+    prompts: a list of strings, with `alphas` one float for all or one per prompt; or a single string,
+    with `alphas` a list: that prompt at every alpha (a sweep). alphas=None uses the model's current alpha.
+    generate_kwargs go to `model.generate` (max_new_tokens defaults to 32; with num_return_sequences=n the
+    result holds n completions per prompt, consecutive). The model's alpha is restored afterwards.
+    """
+    site = _site(model, "generate")
+    if isinstance(prompts, str):
+        if alphas is None or isinstance(alphas, (int, float)):
+            prompts = [prompts]
+        else:
+            prompts = [prompts] * len(alphas)
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("generate: prompts must be a string or a non-empty list of strings")
+    if alphas is None:
+        alpha = site.alpha
+    elif isinstance(alphas, (int, float)):
+        alpha = float(alphas)
+    else:
+        alpha = [float(a) for a in alphas]
+        if len(alpha) != len(prompts):
+            raise ValueError(
+                f"generate: alphas has {len(alpha)} values but there are {len(prompts)} prompts "
+                "(give one alpha, one per prompt, or one prompt and a list of alphas)"
+            )
+    device = next(model.parameters()).device
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("generate: the tokenizer has neither a pad nor an eos token to pad the batch with")
+        tokenizer.pad_token = tokenizer.eos_token
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right end
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+    generate_kwargs.setdefault("max_new_tokens", 32)
+    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    with alignment_strength(model, alpha), torch.no_grad():
+        out = model.generate(**batch, **generate_kwargs)
+    new_tokens = out[:, batch["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -1,0 +1,384 @@
+"""The alignment layers: where the dial acts inside a wrapped model.
+
+Two kinds, both "sites" that mix an aligned path into the residual stream with a per-row alpha,
+`h = x + alpha * (f(x) - x)`:
+
+- `AlignedEmbedding` (layer="linear"): the model's own token-embedding module, turned in place into a
+  subclass that also holds the identity-initialised d x d layer `f(x) = x W^T + b` and calls the fused op.
+  `.weight` stays the same Parameter at the same path, so tied output embeddings and checkpoint keys keep
+  working. It acts on the raw table lookup `E[id]`: before Gemma's sqrt(d) scaling (which is applied to the
+  mixed result, as Gemma applies it to E[id]) and before GPT-2 adds position embeddings.
+- `AlignmentBlock` (layer="block", the paper's released variant): a copy of decoder block 0 with its
+  attention output and MLP down projections zeroed (identity at init), run on the embeddings just before
+  the first original block (a forward pre-hook on it), with its own KV-cache slot after the model's last.
+
+In mode "logits" the wrapped model's forward runs 2B rows (unaligned rows first, aligned rows second) and a
+site gives the first half alpha 0 and the second alpha 1; the user's alpha mixes the logits
+(`AlignmentSite.attach_two_stream`: hooks on the causal LM).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from numbers import Real
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+MODES = ("embed", "logits")
+
+
+def as_alpha(alpha: Union[float, Tensor, list, tuple], name: str = "alpha") -> Tensor:
+    """Check a user's alpha and return it as a float32 tensor: 0-d, or 1-D with one value per sequence."""
+    if isinstance(alpha, (list, tuple)):
+        alpha = torch.tensor([float(a) for a in alpha], dtype=torch.float32)
+    if isinstance(alpha, bool) or not isinstance(alpha, (Real, Tensor)):
+        raise TypeError(f"{name} must be a float or a 1-D tensor of one alpha per sequence, got {type(alpha).__name__}")
+    if isinstance(alpha, Real):
+        if not math.isfinite(alpha):
+            raise ValueError(f"{name} must be finite, got {alpha}")
+        return torch.tensor(float(alpha), dtype=torch.float32)
+    if alpha.dtype == torch.bool or alpha.is_complex():
+        raise TypeError(f"{name} must be a real tensor, got dtype {alpha.dtype}")
+    if alpha.dim() > 1:
+        raise ValueError(
+            f"{name} must be a number or a 1-D tensor of one alpha per sequence, got shape {tuple(alpha.shape)}"
+        )
+    if alpha.dim() == 1 and alpha.numel() == 0:
+        raise ValueError(f"{name} must hold at least one value, got an empty tensor")
+    alpha = alpha.detach().to(torch.float32)
+    if not bool(torch.isfinite(alpha).all()):
+        raise ValueError(f"{name} must be finite, got {alpha.tolist()}")
+    return alpha
+
+
+def expand_alpha(alpha: Tensor, rows: int) -> Tensor:
+    """One alpha per row. A per-sequence alpha of length B meeting k*B rows is repeated k times per
+    sequence (repeat_interleave), the way `generate` expands a batch for num_return_sequences and beams."""
+    if alpha.dim() == 0 or alpha.shape[0] == rows:
+        return alpha
+    n = alpha.shape[0]
+    if rows % n:
+        raise ValueError(
+            f"alpha has {n} values (one per sequence) but the batch has {rows} rows; set a single alpha or "
+            f"one per row (clm_ext.set_alpha)"
+        )
+    return alpha.repeat_interleave(rows // n)
+
+
+class AlignmentSite(nn.Module):
+    """What both layer kinds share: the user's alpha, the merge mode, and the alpha of each row."""
+
+    layer_kind: str = ""
+
+    def _init_site(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the dial.
+        self._alpha = torch.tensor(0.0)
+        self._stream_rows: Optional[int] = None  # set by the two-stream forward in mode "logits"
+
+    @property
+    def alpha(self) -> Tensor:
+        return self._alpha
+
+    def set_alpha(self, alpha) -> None:
+        self._alpha = as_alpha(alpha).to(self._device())
+
+    def _device(self) -> torch.device:
+        return next(self.trainable().parameters()).device
+
+    def trainable(self) -> nn.Module:
+        raise NotImplementedError
+
+    def user_alpha(self, device: torch.device) -> Tensor:
+        if self._alpha.device != device:
+            self._alpha = self._alpha.to(device)
+        return self._alpha
+
+    def row_alpha(self, rows: int, device: torch.device) -> Tensor:
+        """The alpha of each row this site sees: the user's (embed mode) or 0 | 1 per stream (logits mode)."""
+        if self.mode == "embed":
+            return expand_alpha(self.user_alpha(device), rows)
+        if self._stream_rows != rows:
+            raise RuntimeError(
+                "alignment mode 'logits' runs two streams through the whole model: call the wrapped causal LM "
+                "itself (model(...) or model.generate), not its inner modules"
+            )
+        half = torch.ones(rows, dtype=torch.float32, device=device)
+        half[: rows // 2] = 0.0
+        return half
+
+    # mode="logits": hooks on the causal LM run one forward of 2B rows and mix the logits. They are bound
+    # methods of the site, so a deepcopy of the model gets hooks that drive its own copy of the site.
+
+    def attach_two_stream(self, model: nn.Module) -> None:
+        self._forward_params = list(inspect.signature(model.forward).parameters)
+        self._labels = None
+        self._two_stream_hook_ids = (
+            model.register_forward_pre_hook(self._two_stream_inputs, with_kwargs=True).id,
+            model.register_forward_hook(self._two_stream_logits, with_kwargs=True).id,
+        )
+
+    def _two_stream_inputs(self, model: nn.Module, args: tuple, kwargs: dict):
+        """Duplicate the batch (unaligned rows first); keep the labels for the loss of the mixed logits."""
+        kwargs = {**dict(zip(self._forward_params, args)), **kwargs}
+        batch = kwargs.get("input_ids")
+        batch = kwargs.get("inputs_embeds") if batch is None else batch
+        if batch is None:
+            raise ValueError("alignment mode 'logits' needs input_ids or inputs_embeds")
+        rows = batch.shape[0]
+        for name in _STREAM_INPUTS:
+            value = kwargs.get(name)
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows:
+                kwargs[name] = torch.cat([value, value])
+        _two_stream_cache(kwargs.get("cache", kwargs.get("past_key_values")))
+        self._stream_rows = 2 * rows
+        self._labels = kwargs.pop("labels", None)
+        return (), kwargs
+
+    def _two_stream_logits(self, model: nn.Module, args: tuple, kwargs: dict, output):
+        """logits = (1 - alpha) * unaligned + alpha * aligned, per sequence; the loss from the mixed logits."""
+        self._stream_rows = None
+        labels, self._labels = self._labels, None
+        as_tuple = isinstance(output, tuple)
+        logits = output[0] if as_tuple else output.logits
+        unaligned, aligned = logits.chunk(2)
+        alpha = expand_alpha(self.user_alpha(logits.device), unaligned.shape[0])
+        if alpha.dim():
+            alpha = alpha.view(-1, *([1] * (logits.dim() - 1)))
+        mixed = unaligned + (alpha * (aligned - unaligned).to(alpha.dtype)).to(logits.dtype)
+        loss = None
+        if labels is not None:
+            config = model.config.get_text_config(decoder=True)
+            loss = model.loss_function(logits=mixed, labels=labels, vocab_size=config.vocab_size)
+        if as_tuple:
+            return ((loss,) if loss is not None else ()) + (mixed,) + tuple(output[1:])
+        output.logits = mixed
+        if loss is not None:
+            output.loss = loss
+        return output
+
+
+# Batch-dimension inputs the two-stream forward duplicates (mode "logits").
+_STREAM_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+
+
+def _two_stream_cache(cache) -> None:
+    """Make beam search's cache reordering move both streams' rows (the cache holds 2B rows)."""
+    if cache is None or getattr(cache, "_clm_two_stream", False) or not hasattr(cache, "reorder_cache"):
+        return
+    reorder = cache.reorder_cache
+
+    def reorder_both(beam_idx: Tensor):
+        return reorder(torch.cat([beam_idx, beam_idx + beam_idx.shape[0]]))
+
+    cache.reorder_cache = reorder_both
+    cache._clm_two_stream = True
+
+
+# ------------------------------------------------------------------------------------------------
+# layer="linear": the aligned embedding.
+
+
+_ALIGNED_CLASSES: dict = {}
+
+
+def _is_supported_embedding(module: nn.Module) -> bool:
+    cls = type(module)
+    if cls is nn.Embedding:
+        return True
+    # Gemma-style: nn.Embedding whose forward is `super().forward(ids) * embed_scale`.
+    return isinstance(module, nn.Embedding) and cls.__name__.endswith("ScaledWordEmbedding") and hasattr(
+        module, "embed_scale"
+    )
+
+
+class AlignedEmbedding(AlignmentSite, nn.Embedding):
+    """An nn.Embedding that mixes in the aligned layer: h = E[id] + alpha * (E[id] W^T + b - E[id]).
+
+    Made by `AlignedEmbedding.wrap(embedding)`, which turns the model's module into this class in place
+    (the same object, the same `.weight`), so nothing else in the model changes.
+    """
+
+    layer_kind = "linear"
+    _base_class = nn.Embedding
+
+    @classmethod
+    def wrap(cls, embedding: nn.Module, mode: str = "embed", cache_aligned_table: bool = False) -> "AlignedEmbedding":
+        if isinstance(embedding, AlignedEmbedding):
+            raise RuntimeError("this embedding already has an alignment layer")
+        if not _is_supported_embedding(embedding):
+            raise TypeError(
+                f"cannot add an alignment layer to an input embedding of type {type(embedding).__name__}: "
+                "expected torch.nn.Embedding (or a Gemma-style scaled word embedding)"
+            )
+        if embedding.max_norm is not None:
+            raise ValueError("cannot add an alignment layer to an embedding with max_norm (it rewrites the table)")
+        embedding.__class__ = _aligned_class(type(embedding))
+        embedding._init_site(mode)
+        d = embedding.embedding_dim
+        w = embedding.weight
+        # A 16-bit table gets a float32 layer (master weights, cast per forward): W starts at I, and in
+        # bfloat16 an update below ~0.004 to a diagonal entry near 1 would round away.
+        dtype = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+        embedding.alignment = nn.Linear(d, d, bias=True, device=w.device, dtype=dtype)
+        embedding.reset_alignment()
+        embedding.cache_aligned_table = cache_aligned_table
+        embedding._table, embedding._table_key = None, None
+        return embedding
+
+    def unwrap(self) -> nn.Embedding:
+        """Turn the module back into its original class (the layer is dropped)."""
+        del self.alignment
+        for name in ("mode", "_alpha", "_stream_rows", "_forward_params", "_labels", "_two_stream_hook_ids",
+                     "cache_aligned_table", "_table", "_table_key"):
+            self.__dict__.pop(name, None)
+        self.__class__ = self._base_class
+        return self
+
+    def trainable(self) -> nn.Linear:
+        return self.alignment
+
+    @torch.no_grad()
+    def reset_alignment(self) -> None:
+        """Back to the identity (W = I, b = 0)."""
+        self.alignment.weight.copy_(torch.eye(self.embedding_dim))
+        self.alignment.bias.zero_()
+
+    def _scale(self, h: Tensor) -> Tensor:
+        scale = getattr(self, "embed_scale", None)
+        return h if scale is None else h * scale.to(self.weight.dtype)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        alpha = self.row_alpha(input_ids.shape[0], self.weight.device) if input_ids.dim() > 1 else self.user_alpha(
+            self.weight.device
+        )
+        w, b = self._layer_in_table_dtype()
+        if self.cache_aligned_table and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            h = ops.embedding_lerp(input_ids, self.weight, self._aligned_table(), alpha)
+        else:
+            h = ops.embed_alignment_mix(input_ids, self.weight, w, b, alpha)
+        return self._scale(h)
+
+    def _layer_in_table_dtype(self) -> tuple:
+        """(W, b) in the table's dtype: the fused op computes in one dtype; the cast is differentiable."""
+        return tuple(t.to(self.weight.dtype) for t in (self.alignment.weight, self.alignment.bias))
+
+    def _aligned_table(self) -> Tensor:
+        """E_a = E W^T + b, rebuilt whenever the table or the layer changed (in place or replaced)."""
+        tensors = (self.weight, self.alignment.weight, self.alignment.bias)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if self._table_key != key:
+            self._table = ops.alignment_mix(self.weight.detach(), *self._layer_in_table_dtype(), 1.0)
+            self._table_key = key
+        return self._table
+
+    @torch.no_grad()
+    def folded_table(self, alpha: float) -> Tensor:
+        """The embedding table with the layer folded in at `alpha` (what merge_alignment writes)."""
+        return ops.alignment_mix(self.weight.detach(), *self._layer_in_table_dtype(), float(alpha))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, alignment={self.layer_kind}, mode={self.mode}"
+
+
+def _aligned_class(base: type) -> type:
+    """AlignedEmbedding for nn.Embedding; for a subclass (Gemma's scaled embedding) a subclass of both."""
+    if base is nn.Embedding:
+        return AlignedEmbedding
+    if base not in _ALIGNED_CLASSES:
+        name = f"Aligned{base.__name__}"
+        cls = type(name, (AlignedEmbedding, base), {"_base_class": base, "__module__": __name__})
+        globals()[name] = cls  # so pickle finds it by name
+        _ALIGNED_CLASSES[base] = cls
+    return _ALIGNED_CLASSES[base]
+
+
+# ------------------------------------------------------------------------------------------------
+# layer="block": the paper's decoder-block identity layer.
+
+
+def _zero_(linear: nn.Linear) -> None:
+    with torch.no_grad():
+        linear.weight.zero_()
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
+class AlignmentBlock(AlignmentSite):
+    """A copy of decoder block 0 with o_proj and down_proj zeroed, mixed in before the first block.
+
+    `hook` is registered as a forward pre-hook (with kwargs) on the first original block: it runs the new
+    block with the same mask, rotary embeddings and cache, and replaces that block's input by
+    x + alpha * (block(x) - x) per row. The block's attention writes KV-cache slot `cache_index`.
+    """
+
+    layer_kind = "block"
+
+    def __init__(self, first_block: nn.Module, cache_index: int, mode: str = "embed"):
+        super().__init__()
+        self._init_site(mode)
+        attn, mlp = getattr(first_block, "self_attn", None), getattr(first_block, "mlp", None)
+        if not (isinstance(getattr(attn, "o_proj", None), nn.Linear) and isinstance(getattr(mlp, "down_proj", None), nn.Linear)):
+            raise TypeError(
+                f"layer='block' needs a decoder block with self_attn.o_proj and mlp.down_proj, "
+                f"got {type(first_block).__name__}"
+            )
+        self.block = copy.deepcopy(first_block)
+        self.block.self_attn.layer_idx = cache_index
+        self.cache_index = cache_index
+        self.reset_alignment()
+
+    def trainable(self) -> nn.Module:
+        return self.block
+
+    def reset_alignment(self) -> None:
+        """Zero the output projections: the block adds nothing to the residual stream."""
+        _zero_(self.block.self_attn.o_proj)
+        _zero_(self.block.mlp.down_proj)
+
+    def _cache_slot(self, cache) -> None:
+        """Give the new block its own cache layer after the model's last one (a DynamicCache grows)."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or getattr(cache, "layer_class_to_replicate", None) is not None:
+            return  # no cache, or one that appends layers by itself
+        if len(layers) > self.cache_index:
+            return
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        first = layers[0]
+        if len(layers) != self.cache_index or not isinstance(first, DynamicLayer):
+            raise TypeError(
+                f"layer='block' needs a DynamicCache (the new block adds a cache layer), got "
+                f"{type(cache).__name__} with {type(first).__name__} layers"
+            )
+        if isinstance(first, DynamicSlidingWindowLayer):
+            layers.append(DynamicSlidingWindowLayer(sliding_window=first.sliding_window))
+        else:
+            layers.append(DynamicLayer())
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if args:
+            x, args = args[0], args[1:]
+        else:
+            x = kwargs.pop("hidden_states")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            self._cache_slot(cache)
+        y = self.block(x, **kwargs)
+        if isinstance(y, tuple):
+            y = y[0]
+        alpha = self.row_alpha(x.shape[0], x.device)
+        if alpha.dim():
+            alpha = alpha.view(-1, *([1] * (x.dim() - 1)))
+        h = x + (alpha * (y - x).to(alpha.dtype)).to(x.dtype)
+        return (h, *args), kwargs
+
+    def extra_repr(self) -> str:
+        return f"alignment=block, mode={self.mode}, cache_index={self.cache_index}"

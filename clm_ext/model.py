@@ -1,0 +1,329 @@
+"""Wrap a Hugging Face causal LM with the alignment dial, turn the dial, save/load the layer, merge it.
+
+The base model keeps its class, its modules and its state_dict keys; the alignment layer adds keys under
+the input embedding (`...embed_tokens.alignment.*`, layer="linear") or under the decoder
+(`...model.alignment_block.block.*`, layer="block"). Only those parameters train.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .layer import MODES, AlignedEmbedding, AlignmentBlock, AlignmentSite, as_alpha
+
+LAYERS = ("linear", "block")
+BLOCK_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma")
+WEIGHTS_NAME = "alignment.safetensors"
+CONFIG_NAME = "alignment_config.json"
+FORMAT_VERSION = 1
+
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"expected a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}")
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding the layer.
+
+
+def alignment_site(model: nn.Module) -> Optional[AlignmentSite]:
+    """The AlignedEmbedding / AlignmentBlock of a wrapped model, or None if it has none."""
+    for module in model.modules():
+        if isinstance(module, AlignmentSite):
+            return module
+    return None
+
+
+def _site(model: nn.Module, what: str) -> AlignmentSite:
+    site = alignment_site(model)
+    if site is None:
+        raise ValueError(f"{what}: the model has no alignment layer; call clm_ext.add_alignment_control(model) first")
+    return site
+
+
+def alignment_layer(model: nn.Module) -> nn.Module:
+    """The trainable module: the d x d nn.Linear (layer="linear") or the new decoder block (layer="block")."""
+    return _site(model, "alignment_layer").trainable()
+
+
+def alignment_parameters(model: nn.Module) -> list:
+    """The parameters that train (everything else is frozen)."""
+    return list(alignment_layer(model).parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# Wrapping.
+
+
+def add_alignment_control(
+    model: nn.Module, mode: str = "embed", layer: str = "linear", *, cache_aligned_table: bool = False
+) -> nn.Module:
+    """Add the identity-initialised alignment layer to `model` in place, freeze the base, return `model`.
+
+    mode: "embed" (mix before the first block, one pass) or "logits" (two streams, logits mixed).
+    layer: "linear" (d x d layer on the token embedding) or "block" (a new first decoder block; Llama,
+    Qwen2, Mistral, Gemma). cache_aligned_table: at inference without grad (layer="linear", mode "embed"),
+    gather from a cached aligned table (one more vocab x hidden table) instead of a GEMM per step.
+    At alpha = 0 the model is exactly the base model.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    config = _text_config(model)
+    existing = alignment_site(model)
+    if existing is not None:
+        raise RuntimeError(
+            f"the model already has alignment control (layer={existing.layer_kind!r}, mode={existing.mode!r}); "
+            "add_alignment_control adds one layer per model"
+        )
+    if not callable(getattr(model, "get_input_embeddings", None)) or not hasattr(model, "generate"):
+        raise TypeError(f"expected a Hugging Face causal LM (with get_input_embeddings and generate), got {type(model).__name__}")
+    if layer == "linear":
+        embedding = model.get_input_embeddings()
+        AlignedEmbedding.wrap(embedding, mode, cache_aligned_table)  # checks the embedding first
+        site = embedding
+    else:
+        site = _add_block(model, config, mode)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in site.trainable().parameters():
+        p.requires_grad_(True)
+    if mode == "logits":
+        site.attach_two_stream(model)
+    return model
+
+
+def _add_block(model: nn.Module, config, mode: str) -> AlignmentBlock:
+    model_type = getattr(config, "model_type", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    blocks = getattr(decoder, "layers", None)
+    if model_type not in BLOCK_MODEL_TYPES or not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise NotImplementedError(
+            f"layer='block' supports model types {BLOCK_MODEL_TYPES}, got {model_type!r}; "
+            "use layer='linear', which works for any model with an nn.Embedding input embedding"
+        )
+    site = AlignmentBlock(blocks[0], cache_index=config.num_hidden_layers, mode=mode)
+    decoder.alignment_block = site
+    blocks[0].register_forward_pre_hook(site.hook, with_kwargs=True)
+    return site
+
+
+# ------------------------------------------------------------------------------------------------
+# The dial.
+
+
+def set_alpha(model: nn.Module, alpha) -> None:
+    """Set the alignment strength: a float, or a 1-D tensor/list with one alpha per sequence of the batch.
+
+    0 is the base model, 1 the aligned one, >1 extrapolates, <0 goes the other way. A per-sequence alpha
+    of length B also serves batches of k*B rows (generate's num_return_sequences / beams), repeated per
+    sequence.
+    """
+    _site(model, "set_alpha").set_alpha(alpha)
+
+
+def get_alpha(model: nn.Module) -> Tensor:
+    """The current alpha (a float32 tensor, 0-d or one value per sequence)."""
+    return _site(model, "get_alpha").alpha
+
+
+@contextlib.contextmanager
+def alignment_strength(model: nn.Module, alpha) -> Iterator[nn.Module]:
+    """Temporarily set alpha; the previous alpha comes back on exit (also on an exception)."""
+    site = _site(model, "alignment_strength")
+    previous = site.alpha
+    site.set_alpha(alpha)
+    try:
+        yield model
+    finally:
+        site._alpha = previous
+
+
+# ------------------------------------------------------------------------------------------------
+# Save / load: safetensors + JSON, never pickle.
+
+
+def _describe(model: nn.Module, site: AlignmentSite) -> dict:
+    config = _text_config(model)
+    params = list(site.trainable().parameters())
+    return {
+        "format_version": FORMAT_VERSION,
+        "clm_ext_version": _version(),
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": config.hidden_size,
+        "mode": site.mode,
+        "layer": site.layer_kind,
+        "dtype": str(params[0].dtype).replace("torch.", ""),
+        "num_parameters": sum(p.numel() for p in params),
+    }
+
+
+def save_alignment(model: nn.Module, directory: str) -> str:
+    """Write the alignment layer (alignment.safetensors) and alignment_config.json to `directory`.
+
+    Written to a temporary directory beside it and moved into place, so `directory` is never half-written.
+    An existing alignment directory is replaced; any other non-empty directory is refused.
+    """
+    from safetensors.torch import save_file
+
+    site = _site(model, "save_alignment")
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory):
+        if not os.path.isdir(directory):
+            raise FileExistsError(f"save_alignment: {directory} exists and is not a directory")
+        if os.listdir(directory) and not os.path.exists(os.path.join(directory, CONFIG_NAME)):
+            raise FileExistsError(
+                f"save_alignment: {directory} is a non-empty directory that holds no alignment layer; "
+                "choose a new or empty directory"
+            )
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in site.trainable().state_dict().items()}
+        info = _describe(model, site)
+        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "layer": info["layer"]})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(info, f, indent=2)
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+            os.replace(directory, os.path.join(old, "d"))
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_alignment_config(directory: str) -> dict:
+    """The JSON config of a saved alignment layer (clear error if `directory` is not one)."""
+    path = os.path.join(os.fspath(directory), CONFIG_NAME)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(os.fspath(directory), WEIGHTS_NAME)):
+        raise FileNotFoundError(
+            f"load_alignment: {directory} is not a saved alignment layer (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_alignment(model: nn.Module, directory: str, mode: Optional[str] = None) -> nn.Module:
+    """Load a saved alignment layer into `model` (wrapping it first, with the saved layer kind and mode, if
+    it has no layer yet; `mode` overrides the saved mode then). Returns `model`.
+
+    Raises ValueError when the layer does not fit: another model type, hidden size or layer kind.
+    """
+    from safetensors.torch import load_file
+
+    info = read_alignment_config(directory)
+    config = _text_config(model)
+    for key, have in (("model_type", getattr(config, "model_type", None)), ("hidden_size", config.hidden_size)):
+        if info.get(key) != have:
+            raise ValueError(
+                f"load_alignment: the layer in {directory} was trained for {key}={info.get(key)!r}, "
+                f"the model has {key}={have!r}"
+            )
+    site = alignment_site(model)
+    if site is None:
+        add_alignment_control(model, mode=mode or info["mode"], layer=info["layer"])
+        site = alignment_site(model)
+    elif mode is not None and mode != site.mode:
+        raise ValueError(
+            f"load_alignment: mode={mode!r} was asked for but the model is already wrapped in mode {site.mode!r}"
+        )
+    elif site.layer_kind != info["layer"]:
+        raise ValueError(
+            f"load_alignment: {directory} holds a layer={info['layer']!r} alignment layer, the model has "
+            f"layer={site.layer_kind!r}"
+        )
+    target = site.trainable()
+    state = load_file(os.path.join(os.fspath(directory), WEIGHTS_NAME))
+    expected = target.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+        raise ValueError(
+            f"load_alignment: the tensors in {directory} do not fit the model's alignment layer "
+            f"(saved {sorted((k, tuple(v.shape)) for k, v in state.items())[:4]}..., expected "
+            f"{sorted((k, tuple(v.shape)) for k, v in expected.items())[:4]}...)"
+        )
+    with torch.no_grad():
+        for key, value in expected.items():
+            value.copy_(state[key])
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Merge.
+
+
+def merge_alignment(model: nn.Module, alpha: float = 1.0) -> nn.Module:
+    """A plain transformers model with the layer folded into the input embedding table at `alpha`.
+
+    Its logits equal the controlled model's at that alpha; save it with save_pretrained and load it with
+    AutoModelForCausalLM.from_pretrained. A tied output embedding is untied (it keeps the base table). The
+    base weights share storage with `model` (no copy); the new table is the only new memory.
+    Only layer="linear" folds: a block is a nonlinear layer, and mode "logits" at alpha other than 0 or 1
+    mixes two networks' outputs, which no single table can reproduce.
+    """
+    site = _site(model, "merge_alignment")
+    alpha = as_alpha(alpha, "merge_alignment: alpha")
+    if alpha.dim() != 0:
+        raise ValueError("merge_alignment: alpha must be a single number (a merged model has one alignment strength)")
+    alpha = float(alpha)
+    if site.layer_kind == "block":
+        raise ValueError(
+            "merge_alignment: a layer='block' alignment layer cannot be folded into a plain model: it is a "
+            "whole decoder block (attention + MLP, nonlinear), not a linear map of the embedding table, and "
+            "the plain architecture has no slot for an extra block. Keep the wrapped model (save_alignment / "
+            "load_alignment) to serve it"
+        )
+    if site.mode == "logits" and alpha not in (0.0, 1.0):
+        raise ValueError(
+            f"merge_alignment: mode 'logits' mixes the logits of two streams; at alpha={alpha} that is not one "
+            "network, so it cannot be folded. Use alpha 0 or 1, or wrap the model with mode='embed'"
+        )
+    memo = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in memo and module is not site.alignment:
+                memo[id(p)] = nn.Parameter(p.data, requires_grad=True)
+    plain = copy.deepcopy(model, memo)
+    # Drop the two-stream hooks from the copy.
+    for hook_id in getattr(site, "_two_stream_hook_ids", ()):
+        plain._forward_pre_hooks.pop(hook_id, None)
+        plain._forward_hooks.pop(hook_id, None)
+        plain._forward_hooks_with_kwargs.pop(hook_id, None)
+        plain._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    embedding = plain.get_input_embeddings()
+    table = site.folded_table(alpha)
+    output = plain.get_output_embeddings()
+    tied = output is not None and output.weight is embedding.weight
+    embedding.unwrap()
+    embedding.weight = nn.Parameter(table, requires_grad=True)
+    if tied:
+        config = plain.config
+        config.tie_word_embeddings = False
+        text = _text_config(plain)
+        if text is not config:
+            text.tie_word_embeddings = False
+    return plain
