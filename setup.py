@@ -64,7 +64,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "transformers>=4.56",
-        "trl>=0.20",
+        "trl>=1.16,<1.17",
         "safetensors",
         "accelerate",
         "datasets",

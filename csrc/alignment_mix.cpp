@@ -108,16 +108,25 @@ Grads mix_rows_backward(const at::Tensor& dy, const at::Tensor& x2, const at::Te
   return {dx, dw, db, da};
 }
 
+// The ops run in their inputs' dtype: an autocast region around them must not re-type the GEMMs inside
+// (that would hand the element-wise kernels a result of another dtype). The layer is cheap beside the
+// model, so computing it in the dtype of the embedding table is the simple, exact choice.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 }  // namespace
 
 at::Tensor alignment_mix(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& alpha, const Kernels& k) {
+  const NoAutocast no_autocast;
   return mix_rows(flat_rows(x, weight.size(0)), weight, bias, alpha, k).view(x.sizes());
 }
 
 Grads alignment_mix_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& alpha,
                              std::array<bool, 4> output_mask, const Kernels& k) {
+  const NoAutocast no_autocast;
   const int64_t d = weight.size(0);
   auto [dx, dw, db, da] = mix_rows_backward(flat_rows(grad, d), flat_rows(x, d), weight, bias, alpha, output_mask, k);
   if (output_mask[0]) dx = dx.view(x.sizes());
@@ -127,6 +136,7 @@ Grads alignment_mix_backward(const at::Tensor& grad, const at::Tensor& x, const 
 at::Tensor embed_alignment_mix(const at::Tensor& input_ids, const at::Tensor& embed_weight,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& alpha, const Kernels& k) {
+  const NoAutocast no_autocast;
   const at::Tensor x2 = at::index_select(embed_weight, 0, flat_ids(input_ids));
   return with_hidden(mix_rows(x2, weight, bias, alpha, k), input_ids);
 }
@@ -135,6 +145,7 @@ Grads embed_alignment_mix_backward(const at::Tensor& grad, const at::Tensor& inp
                                    const at::Tensor& embed_weight, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& alpha,
                                    std::array<bool, 4> output_mask, const Kernels& k) {
+  const NoAutocast no_autocast;
   const at::Tensor ids = flat_ids(input_ids);
   const at::Tensor x2 = at::index_select(embed_weight, 0, ids);
   auto [dx, dw, db, da] =
@@ -145,6 +156,7 @@ Grads embed_alignment_mix_backward(const at::Tensor& grad, const at::Tensor& inp
 
 at::Tensor embedding_lerp(const at::Tensor& input_ids, const at::Tensor& embed_weight,
                           const at::Tensor& aligned_weight, const at::Tensor& alpha, const Kernels& k) {
+  const NoAutocast no_autocast;
   const at::Tensor ids = flat_ids(input_ids);
   at::Tensor out = at::empty({ids.numel(), embed_weight.size(1)}, embed_weight.options());
   if (ids.numel() > 0) {

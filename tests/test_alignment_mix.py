@@ -212,3 +212,16 @@ def test_bad_input_errors(change, error, match):
     args = _bad(**change)
     with pytest.raises(error, match=match):
         ops.alignment_mix(args["x"], args["weight"], args["bias"], args["alpha"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_in_its_input_dtype_under_autocast(device):
+    """Mixed-precision training (TRL's bf16=True) wraps the model in autocast; the op keeps fp32 inputs exact."""
+    x, weight, bias = make((2, 5), 16, torch.float32, device)
+    weight.requires_grad_()
+    alpha = per_sequence([0.5, 2.0], torch.float32, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = ops.alignment_mix(x, weight, bias, alpha)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out, ops.reference_alignment_mix(x, weight, bias, alpha))
