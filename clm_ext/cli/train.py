@@ -1,0 +1,143 @@
+"""`clm train`: DPO on a preference file, training the alignment layer (or a full / LoRA baseline).
+
+Output: OUT holds the result, the alignment layer (save_alignment, so `load_alignment(model, OUT)` takes it) for
+--method clm, the model or LoRA adapter plus the tokenizer for full / lora, and OUT/metrics.json (the logged
+history). Trainer checkpoints, which --resume restarts from, go to --checkpoint-dir (default OUT-checkpoints, a
+sibling: save_alignment replaces OUT as a whole). Under accelerate: `accelerate launch -m clm_ext.cli.train ARGS`.
+"""
+import json
+import os
+
+DEFAULT_LR = {"clm": 5e-4, "full": 5e-6, "lora": 5e-5}
+SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="model directory (save_pretrained) with its tokenizer")
+    parser.add_argument("--dataset", required=True, help="preference JSONL file or datasets save_to_disk directory")
+    parser.add_argument("--eval-dataset", help="optional held-out preferences, same formats")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--checkpoint-dir", help="trainer checkpoints (default: OUT-checkpoints)")
+    parser.add_argument("--method", choices=("clm", "full", "lora"), default="clm",
+                        help="clm: the alignment layer only (default); full / lora: TRL baselines")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
+    parser.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="TRL loss type(s), e.g. sigmoid ipo")
+    parser.add_argument("--loss-weights", nargs="+", type=float, help="one weight per --loss-type")
+    parser.add_argument("--max-length", type=int, default=512, help="truncate prompt+completion (default 512)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="training epochs (default 1)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    parser.add_argument("--lr", type=float, help=f"learning rate (default per method: {DEFAULT_LR})")
+    parser.add_argument("--batch-size", type=int, default=4, help="per-device batch of preference pairs")
+    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
+    parser.add_argument("--eval-steps", type=int,
+                        help="evaluate every N steps (needs --eval-dataset; default: after each epoch)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                        help="resume from the latest checkpoint in --checkpoint-dir, or from CHECKPOINT")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--precompute-ref-log-probs", action="store_true",
+                        help="score the reference once before training instead of every step")
+    parser.add_argument("--layer", choices=("linear", "block"), default="linear",
+                        help="alignment layer kind for --method clm (default linear, see add_alignment_control)")
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (method lora)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    import clm_ext
+    from clm_ext.preferences import PreferenceDataError, load_preferences
+    from clm_ext.train import default_lora_config, make_dpo_trainer
+
+    if args.eval_steps is not None and args.eval_dataset is None:
+        raise SystemExit("--eval-steps needs --eval-dataset")
+    checkpoints = args.checkpoint_dir or os.path.normpath(args.out) + "-checkpoints"
+    resume = _resume_point(args.resume, checkpoints)
+    try:
+        train_dataset = load_preferences(args.dataset)
+        eval_dataset = load_preferences(args.eval_dataset) if args.eval_dataset else None
+    except (PreferenceDataError, FileNotFoundError) as e:
+        raise SystemExit(f"clm train: {e}") from None
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
+    if args.method == "clm":
+        clm_ext.add_alignment_control(model, layer=args.layer)
+    config = DPOConfig(
+        output_dir=checkpoints,
+        beta=args.beta,
+        loss_type=args.loss_type,
+        loss_weights=args.loss_weights,
+        max_length=args.max_length,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.lr if args.lr is not None else DEFAULT_LR[args.method],
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        eval_strategy="steps" if args.eval_steps else ("epoch" if eval_dataset is not None else "no"),
+        eval_steps=args.eval_steps,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        precompute_ref_log_probs=args.precompute_ref_log_probs,
+        seed=args.seed,
+        report_to="none",
+        # Without this, processes launched on a machine with no accelerator each train alone (accelerate only
+        # forms a gloo group when told the run is on CPU).
+        use_cpu=not torch.accelerator.is_available(),
+    )
+    extra = {"peft_config": default_lora_config(args.lora_r)} if args.method == "lora" else {}
+    trainer = make_dpo_trainer(args.method, model, config, train_dataset, tokenizer, eval_dataset, **extra)
+    trainer.train(resume_from_checkpoint=resume)
+
+    _save_result(trainer, args, tokenizer)
+    if trainer.accelerator.is_main_process:
+        history = trainer.state.log_history
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(history, f, indent=1)
+        last = next((h for h in reversed(history) if "loss" in h), {})
+        summary = ", ".join(f"{k} {last[k]:.4f}" for k in SUMMARY_KEYS if k in last)
+        print(f"clm train: {args.method} done after {trainer.state.global_step} steps; {summary}; wrote {args.out}")
+    return 0
+
+
+def _resume_point(resume, checkpoints):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume is None:
+        return None
+    if resume == "latest":
+        last = get_last_checkpoint(checkpoints) if os.path.isdir(checkpoints) else None
+        if last is None:
+            raise SystemExit(f"--resume: no checkpoint-* directory in {checkpoints}")
+        return last
+    if not os.path.isdir(resume):
+        raise SystemExit(f"--resume: checkpoint directory {resume!r} does not exist")
+    return resume
+
+
+def _save_result(trainer, args, tokenizer):
+    """Called on every process: save_model gathers sharded weights collectively; the layer is written once."""
+    import clm_ext
+
+    if args.method != "clm":
+        trainer.save_model(args.out)
+        if trainer.accelerator.is_main_process:
+            tokenizer.save_pretrained(args.out)
+    elif trainer.accelerator.is_main_process:
+        clm_ext.save_alignment(trainer.accelerator.unwrap_model(trainer.model), args.out)
+
+
+if __name__ == "__main__":  # `accelerate launch -m clm_ext.cli.train ...` (a launcher needs a module or a script)
+    import sys
+
+    from clm_ext.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

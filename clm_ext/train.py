@@ -1,0 +1,193 @@
+"""DPO for the alignment layer on top of TRL, plus the full fine-tuning and LoRA baselines it is compared with.
+
+`CLMDPOTrainer` is TRL's `DPOTrainer` with one change of substance: the reference policy is the *same* model at
+alpha = 0 (the base model, exactly), the policy is that model at alpha = 1, and only the alignment layer trains.
+TRL never loads, copies, prepares or shards a second model. Everything else (loss types, DPOConfig options,
+evaluation, checkpoints, accelerate DDP / FSDP / DeepSpeed) is TRL's own code path.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import create_model_from_path
+
+import clm_ext
+from clm_ext.model import alignment_parameters, alignment_site
+
+METHODS = ("clm", "full", "lora")
+
+
+class CLMDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer training only the alignment layer, with the model at alpha = 0 as its reference.
+
+    Same constructor as `trl.DPOTrainer` minus `ref_model`. `model` is a causal LM (or a path, loaded as TRL
+    does); if it has no alignment layer yet, one is added with `clm_ext.add_alignment_control(model)` (in place,
+    the way `peft_config` makes TRL wrap a plain model), which freezes every base weight. The model's alpha is
+    set to 1 for training. `peft_config` is refused (use `make_dpo_trainer("lora", ...)` for LoRA) and so is
+    `sync_ref_model` (the reference is fixed: it is the base model).
+    """
+
+    def __init__(
+        self,
+        model,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if peft_config is not None:
+            raise ValueError(
+                "peft_config: CLMDPOTrainer trains the alignment layer, not an adapter; "
+                "use clm_ext.train.make_dpo_trainer('lora', ...) for LoRA DPO"
+            )
+        if args is not None and args.sync_ref_model:
+            raise ValueError("args.sync_ref_model: the CLM reference is the base model (alpha = 0) and never moves")
+        if isinstance(model, str):
+            model = _load_model(model, args, quantization_config)
+        elif quantization_config is not None:
+            raise ValueError("quantization_config only applies when `model` is a path; the model is already loaded")
+        if _is_peft_model(model):
+            raise ValueError("model: a PEFT model was given; CLMDPOTrainer needs a plain transformers model")
+        site = alignment_site(model)
+        if site is None:
+            clm_ext.add_alignment_control(model)
+        elif site.mode != "embed":
+            raise ValueError(
+                f"model: the alignment layer is in mode {site.mode!r}; train it in mode 'embed' (at alpha 0 and 1 "
+                "both modes are the same network, so the trained layer serves both: "
+                "load_alignment(model, dir, mode='logits'))"
+            )
+        clm_ext.set_alpha(model, 1.0)
+        _check_only_the_layer_trains(model)
+        super().__init__(
+            model=model,
+            ref_model=_AlphaZeroReference(self),
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self._clm_reference_ready = True
+
+    # TRL checks `self.ref_model is not None` to load/prepare/shard a reference model, and calls it to score the
+    # reference. While TRL's constructor runs the property reads None (nothing to load, prepare or shard); after
+    # that it is the model itself at alpha = 0, so TRL's reference calls (training, evaluation, precompute) need
+    # no override.
+    @property
+    def ref_model(self):
+        """The reference policy TRL calls: this trainer's model at alpha = 0 (None during construction)."""
+        if self.__dict__.get("_clm_reference_ready"):
+            return self.__dict__["_clm_reference"]
+        return None
+
+    @ref_model.setter
+    def ref_model(self, value):
+        if not isinstance(value, _AlphaZeroReference):
+            raise AttributeError("CLMDPOTrainer.ref_model is the model itself at alpha = 0 and cannot be replaced")
+        self.__dict__["_clm_reference"] = value
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's reference scoring (used by precompute_ref_log_probs), run at alpha = 0 whatever `model` is."""
+        with _reference_mode(self._unwrapped_model()):
+            return super().compute_ref_log_probs(model, inputs)
+
+    def _unwrapped_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+
+class _AlphaZeroReference:
+    """Callable standing in for TRL's `ref_model`: the trainer's current model, run at alpha = 0."""
+
+    def __init__(self, trainer: CLMDPOTrainer):
+        self.trainer = trainer
+
+    def __call__(self, *args, **kwargs):
+        with _reference_mode(self.trainer._unwrapped_model()):
+            return self.trainer.model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _reference_mode(model):
+    """alpha = 0 and eval mode (no dropout), as TRL runs an explicit reference model; both restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with clm_ext.alignment_strength(model, 0.0):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_only_the_layer_trains(model) -> None:
+    """The reference is the base at alpha = 0, so a trainable base weight would move the reference too."""
+    layer = {id(p) for p in alignment_parameters(model)}
+    if not any(p.requires_grad for p in alignment_parameters(model)):
+        raise ValueError("model: the alignment layer's parameters do not require grad; nothing would train")
+    base = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in layer]
+    if base:
+        raise ValueError(
+            f"model: base parameters require grad ({base[:3]}{'...' if len(base) > 3 else ''}); CLM trains only the "
+            "alignment layer and uses the frozen base as its reference. Freeze them, or use make_dpo_trainer('full')"
+        )
+
+
+def _is_peft_model(model) -> bool:
+    from accelerate.utils import is_peft_model
+
+    return is_peft_model(model)
+
+
+def _load_model(path: str, args: DPOConfig | None, quantization_config):
+    """Load `path` the way TRL's DPOTrainer does (args.model_init_kwargs, float32 unless told otherwise)."""
+    kwargs = dict((args.model_init_kwargs if args is not None else None) or {})
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    return create_model_from_path(path, **kwargs)
+
+
+def make_dpo_trainer(method: str, model, args: DPOConfig, train_dataset, processing_class, eval_dataset=None,
+                     **kwargs):
+    """A DPO trainer for `method`, so that the CLM layer and its baselines run on the same data and options.
+
+    - "clm":  CLMDPOTrainer (only the alignment layer trains; reference = the same model at alpha = 0).
+    - "full": TRL DPOTrainer, every weight trains, with an explicit frozen reference copy of `model` in memory
+              (the standard recipe the memory/time targets are measured against).
+    - "lora": TRL DPOTrainer with a PEFT LoRA adapter (`peft_config=` in kwargs, default r=8 on all linear
+              layers); TRL scores the reference with the adapter disabled.
+    `kwargs` go to the trainer's constructor.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    common = dict(args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                  processing_class=processing_class, **kwargs)
+    if method == "clm":
+        return CLMDPOTrainer(model, **common)
+    if alignment_site(model) is not None:
+        raise ValueError(f"model: method {method!r} needs a plain model, but this one has an alignment layer")
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        return DPOTrainer(model, ref_model=reference, **common)
+    if "peft_config" not in common:
+        common["peft_config"] = default_lora_config()
+    return DPOTrainer(model, **common)
+
+
+def default_lora_config(r: int = 8):
+    """LoRA on every linear layer except the LM head (TRL refuses an adapter there), alpha = 2r, no dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
