@@ -14,7 +14,7 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="clm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="clm", description="clm-ext: an alignment dial for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = (argv if argv is not None else sys.argv[1:])[:1]
     for name, help_text in COMMANDS.items():
