@@ -1,0 +1,101 @@
+"""Generation throughput: the base model against the same model with the alignment dial.
+
+Why: design.md section 5 targets >= 0.98x of the base model's tokens/s at any alpha and with mixed
+per-sequence alphas, and 1.0x for the merged model. Every provider generates from the same prompts (greedy,
+exactly `new` tokens per sequence: min_new_tokens = max_new_tokens) with `model.generate`, KV cache on:
+- base: the plain model; clm_alpha1: embed mode at alpha 1; clm_mixed: one alpha per sequence in [-1, 2];
+- clm_cached: as clm_mixed with `cache_aligned_table=True` (a gather + lerp per step, no GEMM);
+- clm_logits: mode "logits" (two streams, so about 2x the work: the fidelity mode, not the fast one);
+- merged: `clm_ext.merge_alignment(model, 1.0)`, a plain model again.
+Models come from Llama configs with random weights (the layer gets W = I + noise, as if trained). Calls are
+timed interleaved (one of each provider per round) so that load changes hit all alike.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import clm_ext  # noqa: E402
+
+# (models, batch, prompt tokens, new tokens)
+SETTINGS = {
+    ("cpu", "smoke"): (("tiny",), 4, 8, 4),
+    ("cpu", "quick"): (("cpu-7M",), 8, 32, 32),
+    ("cpu", "full"): (("cpu-7M", "cpu-33M"), 8, 32, 32),
+    ("cuda", "smoke"): (("tiny",), 4, 8, 4),
+    ("cuda", "quick"): (("gpu-0.3B",), 32, 128, 128),
+    ("cuda", "full"): (("gpu-0.3B", "gpu-1B"), 32, 128, 128),
+}
+
+
+def controlled(base, alpha, **kwargs):
+    """A copy of `base` with the dial, its layer perturbed from the identity (a trained layer's cost)."""
+    model = clm_ext.add_alignment_control(copy.deepcopy(base), **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    clm_ext.set_alpha(model, alpha)
+    return model.eval()
+
+
+def providers(base, batch):
+    mixed = torch.linspace(-1.0, 2.0, batch)
+    one = controlled(base, 1.0)
+    return {
+        "base": base,
+        "clm_alpha1": one,
+        "clm_mixed": controlled(base, mixed),
+        "clm_cached": controlled(base, mixed, cache_aligned_table=True),
+        "clm_logits": controlled(base, mixed, mode="logits"),
+        "merged": clm_ext.merge_alignment(one, 1.0).eval(),
+    }
+
+
+def main(argv=None) -> int:
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=None, help="timed generate calls per provider")
+    args = p.parse_args(argv)
+    device, dtype = common.resolve(args)
+    mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
+    models, batch, prompt, new = SETTINGS[(device.type, mode)]
+    repeats = args.repeats or (2 if args.smoke else 5)
+    rows = common.Rows("bench_generate", device, dtype)
+    print(f"bench_generate on {rows.common['device_name']}, {dtype}", flush=True)
+    for name in models:
+        base = common.build_llama(name, device, dtype).eval()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, common.MODELS[name]["vocab_size"], (batch, prompt), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        models_ = providers(base, batch)
+
+        def gen(model):
+            return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                          min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+        with torch.inference_mode():
+            times = common.time_fns({k: gen(m) for k, m in models_.items()}, device, repeats=repeats, warmup=1,
+                                    min_repeat_s=0.0)
+        params = sum(p.numel() for p in base.parameters()) / 1e6
+        shape = f"{name}: {params:.1f}M params, batch={batch}, prompt={prompt}, new={new}"
+        for provider, t in times.items():
+            rows.add("generate", shape, provider, "time_s", "s", t)
+            rows.add("generate", shape, provider, "tokens_per_s", "tok/s", [batch * new / s for s in t])
+        base_s = common.quantiles(times["base"])[0]
+        print(f"  {shape}\n    " + "  ".join(
+            f"{k}={batch * new / common.quantiles(t)[0]:.0f} tok/s ({base_s / common.quantiles(t)[0]:.3f}x)"
+            for k, t in times.items()), flush=True)
+        del models_, base
+    stem = rows.write(args.out)
+    print(f"wrote {stem}.json and .csv ({len(rows.rows)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Smoke tests of the benchmark scripts (benchmarks/): each runs on its tiniest settings through `clm bench`,
+so that the scripts do not rot. They check that rows are written, never how fast anything is."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clm_ext.cli import bench
+
+_spec = importlib.util.spec_from_file_location("clm_benchmarks_common", bench.benchmarks_dir() / "common.py")
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def clm_bench(*args):
+    cmd = [sys.executable, "-c", "import sys; from clm_ext.cli import main; sys.exit(main())", "bench", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    for script in ("op", "generate", "dpo"):
+        clm_bench(script, "--device", "cpu", "--smoke", "--threads", "1", "--out", str(out))
+    return out
+
+
+@pytest.mark.parametrize("script,metrics", [
+    ("bench_op", {"time_s", "roofline_fraction", "saved_bytes", "flop", "bytes"}),
+    ("bench_generate", {"time_s", "tokens_per_s"}),
+    ("bench_dpo", {"step_s", "first_step_s", "accounted_bytes", "peak_rss_delta_bytes"}),
+])
+def test_script_writes_rows(results, script, metrics):
+    rows = json.loads((results / f"{script}_cpu.json").read_text())
+    assert metrics <= {r["metric"] for r in rows}
+    assert all(r["p20"] <= r["median"] <= r["p80"] for r in rows)
+    header = (results / f"{script}_cpu.csv").read_text().splitlines()[0].split(",")
+    assert header == list(common.COLUMNS)
+
+
+def test_plot_draws_and_tabulates(results):
+    out = clm_bench("plot", "--results", str(results), "--table")
+    assert sorted(p.name for p in results.glob("*.png")) == [
+        "dpo_cpu.png", "generate_cpu.png", "op_decode_cpu.png", "op_fwdbwd_cpu.png"]
+    assert "| target |" in out and "pending: no cuda results" in out
+
+
+def test_saved_bytes_count_activations_not_parameters():
+    import torch
+
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    assert common.saved_activation_bytes(lambda: (x @ w).sum()) == x.untyped_storage().nbytes()
+
+
+def test_quantiles():
+    assert common.quantiles([3.0, 1.0, 2.0, 4.0, 5.0]) == (3.0, 1.8, 4.2)
+
+
+def test_missing_checkout_fails_clearly(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path / "nowhere")
+    assert bench.run(bench.argparse.Namespace(script="op", args=[])) == 2
+    assert "source checkout" in capsys.readouterr().err
