@@ -95,8 +95,9 @@ def _as_alpha(name: str, alpha: Alpha, like: Tensor, batch_shape: torch.Size) ->
     # A value check needs the data: skip it while tracing and on accelerators (it would sync the
     # stream every step); clm_ext.set_alpha checks values once, where they are set.
     if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(torch.isfinite(alpha).all()):
-            raise ValueError(f"{name}: alpha must be finite, got {alpha.tolist()}")
+        values = alpha.reshape(-1).tolist()  # a few values: cheaper than a tensor reduction per call
+        if not all(map(math.isfinite, values)):
+            raise ValueError(f"{name}: alpha must be finite, got {values}")
     return alpha
 
 
@@ -111,7 +112,7 @@ def _check_ids(name: str, input_ids: Tensor, embed_weight: Tensor) -> None:
     if input_ids.device != embed_weight.device:
         raise ValueError(f"{name}: input_ids are on {input_ids.device}, embed_weight on {embed_weight.device}")
     if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= embed_weight.shape[0]:
             raise IndexError(
                 f"{name}: input_ids must lie in [0, {embed_weight.shape[0]}), got values in [{lo}, {hi}]"
