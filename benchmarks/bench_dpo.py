@@ -1,6 +1,11 @@
 """One DPO training step: clm-ext (the layer only, reference = the same model at alpha 0) against TRL full
 fine-tuning with a frozen reference copy and TRL + PEFT LoRA; same model config, data, batch and lengths.
 
+clm-ext runs twice: "clm" trains the linear layer (layer="linear"), "clm-block" the paper's decoder-block
+layer (layer="block"), both through CLMDPOTrainer. The trainer trains in mode "embed"; at alpha 0 and 1 that is
+the same network as mode "logits", so the DPO step of linear/logits is clm's and that of block/logits is
+clm-block's (measured once each, not twice). trainable_params is reported for every provider.
+
 Why: design.md section 5 targets peak memory <= 0.55x and step time <= 0.8x of full DPO, and <= 1.0x of
 LoRA DPO. Each provider runs in a fresh subprocess (no allocator or import state shared; --smoke runs them
 in-process, as it only checks that the code runs), through
@@ -29,7 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PROVIDERS = ("clm", "full", "lora")
+# clm: layer="linear" (the d x d layer); clm-block: layer="block" (a new first decoder block, the paper's variant).
+# Both train in mode "embed", which at alpha 0 (the reference) and 1 (the policy) is the same network as mode
+# "logits": the step of linear/logits is that of clm, the step of block/logits that of clm-block.
+PROVIDERS = ("clm", "clm-block", "full", "lora")
+TRAINER = {"clm": "clm", "clm-block": "clm", "full": "full", "lora": "lora"}
 
 # (models, batch of pairs, prompt tokens, completion tokens, warm-up steps, timed steps)
 SETTINGS = {
@@ -98,6 +107,10 @@ def worker(args) -> dict:
     rss_before = psutil.Process().memory_info().rss
     model = common.build_llama(args.model, device, dtype)
     base_params = sum(p.numel() for p in model.parameters())
+    if args.worker == "clm-block":
+        import clm_ext
+
+        clm_ext.add_alignment_control(model, layer="block")  # mode "embed": what CLMDPOTrainer trains
     times = []
 
     class StepTimer(TrainerCallback):
@@ -115,8 +128,8 @@ def worker(args) -> dict:
                         save_strategy="no", logging_strategy="no", use_cpu=device.type == "cpu",
                         dataloader_pin_memory=False, seed=0, disable_tqdm=True, bf16=False,
                         gradient_checkpointing=args.checkpointing == "on")
-        trainer = make_dpo_trainer(args.worker, model, cfg, dataset(batch * (warmup + steps), prompt, completion,
-                                                                      vocab), tokenizer(vocab))
+        data = dataset(batch * (warmup + steps), prompt, completion, vocab)
+        trainer = make_dpo_trainer(TRAINER[args.worker], model, cfg, data, tokenizer(vocab))
         trainer.add_callback(StepTimer())
         saved = {}
         original = trainer.compute_loss
@@ -180,7 +193,7 @@ def record(rows: common.Rows, case: str, provider: str, r: dict) -> None:
         if key in r:
             rows.add(case, shape, provider, key, "B", r[key])
     mem = r.get("peak_bytes", r.get("peak_rss_delta_bytes"))
-    print(f"  {case:26s} {shape:50s} {provider:5s} step {common.quantiles(r['step_s'])[0]:.3f} s  "
+    print(f"  {case:26s} {shape:50s} {provider:9s} step {common.quantiles(r['step_s'])[0]:.3f} s  "
           f"peak {mem / 2**20:.0f} MiB  accounted {r['accounted_bytes'] / 2**20:.0f} MiB", flush=True)
 
 

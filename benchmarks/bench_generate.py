@@ -6,7 +6,11 @@ exactly `new` tokens per sequence: min_new_tokens = max_new_tokens) with `model.
 - base: the plain model; clm_alpha1: embed mode at alpha 1; clm_mixed: one alpha per sequence in [-1, 2];
 - clm_cached: as clm_mixed with `cache_aligned_table=True` (a gather + lerp per step, no GEMM);
 - clm_logits: mode "logits" (two streams, so about 2x the work: the fidelity mode, not the fast one);
-- merged: `clm_ext.merge_alignment(model, 1.0)`, a plain model again.
+- merged: `clm_ext.merge_alignment(model, 1.0)`, a plain model again;
+- clm_block_logits: layer "block" (the paper's variant: a new first decoder block), mode "logits", mixed alphas;
+- clm_block_embed: layer "block", mode "embed" (the block's output mixed before the first block), mixed alphas.
+The issue-7 side-by-side of the variants, all at the same mixed per-sequence alphas: linear/embed = clm_mixed,
+linear/logits = clm_logits, block/logits = clm_block_logits (block/embed = clm_block_embed).
 Models come from Llama configs with random weights (the layer gets W = I + noise, as if trained). Calls are
 timed interleaved (one of each provider per round) so that load changes hit all alike.
 """
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import clm_ext  # noqa: E402
+from clm_ext.model import alignment_parameters, alignment_site  # noqa: E402
 
 # (models, batch, prompt tokens, new tokens)
 SETTINGS = {
@@ -35,7 +40,8 @@ SETTINGS = {
 
 
 def controlled(base, alpha, **kwargs):
-    """A copy of `base` with the dial, its layer perturbed from the identity (a trained layer's cost)."""
+    """A copy of `base` with the dial, its layer perturbed from the identity (a trained layer's cost; for
+    layer="block" this also makes the zeroed output projections non-zero)."""
     model = clm_ext.add_alignment_control(copy.deepcopy(base), **kwargs)
     with torch.no_grad():
         for p in model.parameters():
@@ -55,6 +61,8 @@ def providers(base, batch):
         "clm_cached": controlled(base, mixed, cache_aligned_table=True),
         "clm_logits": controlled(base, mixed, mode="logits"),
         "merged": clm_ext.merge_alignment(one, 1.0).eval(),
+        "clm_block_logits": controlled(base, mixed, mode="logits", layer="block"),
+        "clm_block_embed": controlled(base, mixed, mode="embed", layer="block"),
     }
 
 
@@ -87,6 +95,9 @@ def main(argv=None) -> int:
         for provider, t in times.items():
             rows.add("generate", shape, provider, "time_s", "s", t)
             rows.add("generate", shape, provider, "tokens_per_s", "tok/s", [batch * new / s for s in t])
+            if alignment_site(models_[provider]) is not None:  # the alignment layer's size
+                rows.add("generate", shape, provider, "alignment_params", "params",
+                         sum(p.numel() for p in alignment_parameters(models_[provider])))
         base_s = common.quantiles(times["base"])[0]
         print(f"  {shape}\n    " + "  ".join(
             f"{k}={batch * new / common.quantiles(t)[0]:.0f} tok/s ({base_s / common.quantiles(t)[0]:.3f}x)"

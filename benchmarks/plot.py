@@ -199,15 +199,158 @@ def headline(results: Path) -> list[str]:
         mem = "peak_bytes" if device == "cuda" else "accounted_bytes"
         for case, s in sorted({(r["case"], r["shape"]) for r in rows}):
             k = lambda p: (case, s, p)  # noqa: E731
-            parts = []
-            for base in ("full", "lora"):
-                parts.append(f"vs {base}: time {_fmt(_ratio(idx, k('clm'), k(base), 'step_s'))}, "
-                             f"{mem} {_fmt(_ratio(idx, k('clm'), k(base), mem))}"
-                             + ("" if device == "cuda" else
-                                f", peak RSS delta {_fmt(_ratio(idx, k('clm'), k(base), 'peak_rss_delta_bytes'))}"))
-            lines.append(f"| DPO step (clm), {s}, {case.split('/', 1)[1].replace('_', ' ')} | {'; '.join(parts)} "
-                         f"| {where} | `clm bench dpo --device {device}` |")
+            for clm in ("clm", "clm-block"):
+                if k(clm) + ("step_s",) not in idx:
+                    continue
+                parts = []
+                for base in ("full", "lora"):
+                    parts.append(f"vs {base}: time {_fmt(_ratio(idx, k(clm), k(base), 'step_s'))}, "
+                                 f"{mem} {_fmt(_ratio(idx, k(clm), k(base), mem))}"
+                                 + ("" if device == "cuda" else
+                                    f", peak RSS delta {_fmt(_ratio(idx, k(clm), k(base), 'peak_rss_delta_bytes'))}"))
+                lines.append(f"| DPO step ({clm}), {s}, {case.split('/', 1)[1].replace('_', ' ')} | "
+                             f"{'; '.join(parts)} | {where} | `clm bench dpo --device {device}` |")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 7's side-by-side: the layer variants against full fine-tuning DPO (and LoRA), per model config.
+# (variant, generate provider, DPO provider, note). The DPO trainer trains mode "embed"; at alpha 0 (the
+# reference) and 1 (the policy) mode "logits" is the same network, so a logits variant's DPO step is its
+# embed twin's (measured once).
+VARIANTS = (
+    ("linear/embed", "clm_mixed", "clm", ""),
+    ("linear/logits", "clm_logits", "clm", "DPO: = linear/embed"),
+    ("block/logits", "clm_block_logits", "clm-block", ""),
+    ("block/embed", "clm_block_embed", "clm-block", "DPO: = block/logits"),
+    ("full FT DPO", None, "full", "generation: not measured; the fine-tuned model is the base architecture"),
+    ("LoRA DPO", None, "lora", "generation: not measured; merged LoRA is the base architecture"),
+)
+
+
+def _model_of(shape: str) -> str:
+    return shape.split(":", 1)[0]
+
+
+def _variant_data(results: Path, device: str):
+    """{model: {...}} from bench_generate_<device>.json and bench_dpo_<device>.json (either may be missing)."""
+    gen_path, dpo_path = results / f"bench_generate_{device}.json", results / f"bench_dpo_{device}.json"
+    gen = common.load_rows(gen_path) if gen_path.exists() else []
+    dpo = common.load_rows(dpo_path) if dpo_path.exists() else []
+    models = list(dict.fromkeys(_model_of(r["shape"]) for r in dpo + gen))
+    data = {}
+    for m in models:
+        g = {(r["provider"], r["metric"]): r for r in gen if _model_of(r["shape"]) == m}
+        d = {(r["case"].split("/", 1)[-1].removeprefix("checkpointing_"), r["provider"], r["metric"]): r
+             for r in dpo if _model_of(r["shape"]) == m}
+        data[m] = dict(gen=g, dpo=d, gen_shape=next((r["shape"] for r in gen if _model_of(r["shape"]) == m), None),
+                       dpo_shape=next((r["shape"] for r in dpo if _model_of(r["shape"]) == m), None))
+    return gen, dpo, data
+
+
+def _rel(num, den, fmt):
+    if num is None:
+        return "n/a"
+    text = fmt(num["median"])
+    return f"{text} ({num['median'] / den['median']:.2f}x)" if den else text
+
+
+def variants_table(results: Path) -> list[str]:
+    """Markdown: per device and model config, each variant's trainable parameters, DPO step time and memory
+    against full fine-tuning DPO, and generation tokens/s against the base model."""
+    lines = []
+    for device in ("cuda", "cpu"):
+        gen, dpo, data = _variant_data(results, device)
+        if not gen and not dpo:
+            lines.append(f"\nSide-by-side of the variants, {device}: pending: no {device} results "
+                         f"(`clm bench generate --device {device}`, `clm bench dpo --device {device}`)")
+            continue
+        first = (dpo or gen)[0]
+        mem = "peak_bytes" if device == "cuda" else "accounted_bytes"
+        for model, v in data.items():
+            ckpts = [c for c in ("off", "on") if any(k[0] == c for k in v["dpo"])]
+            lines += ["", f"Side-by-side of the variants, {model}, {first['device_name']}, {first['dtype']}, "
+                          f"{first['date'][:10]}. DPO: {v['dpo_shape'] or 'not measured'}; generation: "
+                          f"{v['gen_shape'] or 'not measured'} (mixed per-sequence alphas in [-1, 2]). "
+                          "Ratios in brackets: DPO against full FT DPO, generation against the base model.", ""]
+            head = ["variant", "trainable params"]
+            for c in ckpts:
+                head += [f"DPO step, ckpt {c}", f"DPO {mem.replace('_bytes', '')} MiB, ckpt {c}"]
+                if device == "cpu":
+                    head.append(f"DPO peak RSS delta MiB, ckpt {c}")
+            head += ["generation tok/s", "note"]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for name, gp, dp, note in VARIANTS:
+                params = v["dpo"].get((ckpts[0], dp, "trainable_params")) if ckpts else None
+                if params is None and gp:
+                    params = v["gen"].get((gp, "alignment_params"))
+                full_params = v["dpo"].get((ckpts[0], "full", "trainable_params")) if ckpts else None
+                cells = [name, "n/a" if params is None else f"{params['median'] / 1e6:.3f}M" + (
+                    f" ({100 * params['median'] / full_params['median']:.2f}% of full)" if full_params else "")]
+                for c in ckpts:
+                    full = lambda metric: v["dpo"].get((c, "full", metric))  # noqa: E731
+                    own = lambda metric: v["dpo"].get((c, dp, metric))  # noqa: E731
+                    cells.append(_rel(own("step_s"), full("step_s"), lambda x: f"{x:.3f} s"))
+                    cells.append(_rel(own(mem), full(mem), lambda x: f"{x / 2**20:.0f}"))
+                    if device == "cpu":
+                        cells.append(_rel(own("peak_rss_delta_bytes"), full("peak_rss_delta_bytes"),
+                                          lambda x: f"{x / 2**20:.0f}"))
+                if gp:
+                    cells.append(_rel(v["gen"].get((gp, "tokens_per_s")), v["gen"].get(("base", "tokens_per_s")),
+                                      lambda x: f"{x:.0f}"))
+                else:
+                    cells.append("—")
+                cells.append(note)
+                lines.append("| " + " | ".join(cells) + " |")
+            base = v["gen"].get(("base", "tokens_per_s"))
+            if base:
+                lines.append(f"| base model (no layer) | 0 | " + " | ".join(["—"] * (len(head) - 4))
+                             + f" | {base['median']:.0f} (1.00x) | |")
+    return lines
+
+
+def plot_variants(results: Path, out: Path, device: str) -> list[Path]:
+    """Four panels per device: trainable parameters, DPO step time and memory against full FT DPO
+    (checkpointing off where measured), generation tokens/s against the base model; one group per model."""
+    gen, dpo, data = _variant_data(results, device)
+    if not gen and not dpo:
+        return []
+    plt = _plt()
+    mem = "peak_bytes" if device == "cuda" else "accounted_bytes"
+    models = list(data)
+    panels = (("trainable params", None), ("DPO step time / full FT", "step_s"),
+              (f"DPO {mem.replace('_', ' ')} / full FT", mem), ("generation tok/s / base", "tokens_per_s"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    width = 0.8 / len(VARIANTS)
+    for ax, (label, metric) in zip(axes[0], panels):
+        for k, (name, gp, dp, _) in enumerate(VARIANTS):
+            vals = []
+            for m in models:
+                v = data[m]
+                ckpt = "off" if any(key[0] == "off" for key in v["dpo"]) else "on"
+                if metric is None:
+                    r = v["dpo"].get((ckpt, dp, "trainable_params")) or (v["gen"].get((gp, "alignment_params"))
+                                                                        if gp else None)
+                    vals.append(r["median"] if r else float("nan"))
+                elif metric == "tokens_per_s":
+                    r, b = (v["gen"].get((gp, metric)) if gp else None), v["gen"].get(("base", metric))
+                    vals.append(r["median"] / b["median"] if r and b else float("nan"))
+                else:
+                    r, b = v["dpo"].get((ckpt, dp, metric)), v["dpo"].get((ckpt, "full", metric))
+                    vals.append(r["median"] / b["median"] if r and b else float("nan"))
+            ax.bar([i + k * width for i in range(len(models))], vals, width, label=name)
+        if metric is None:
+            ax.set_yscale("log")
+        else:
+            ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models, fontsize=8)
+        ax.set_title(label, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    first = (dpo or gen)[0]
+    fig.suptitle(f"variants side by side (DPO: checkpointing off where measured; generation: mixed alphas)\n"
+                 f"{first['device_name']}, {first['dtype']}, torch {first['torch']}, {first['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    return [_save(fig, out / f"variants_{device}.png")]
 
 
 def main(argv=None) -> int:
@@ -234,10 +377,12 @@ def main(argv=None) -> int:
             if rows[0]["device"] == "cpu":
                 metrics["peak_rss_delta_bytes"] = "peak RSS delta"
             made += plot_relative(rows, out, "dpo", metrics, "full")
+    for device in ("cuda", "cpu"):
+        made += plot_variants(args.results, out, device)
     for path in made:
         print(f"wrote {path}")
     if args.table:
-        print("\n".join(headline(args.results)))
+        print("\n".join(headline(args.results) + variants_table(args.results)))
     return 0
 
 

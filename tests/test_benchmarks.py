@@ -37,6 +37,13 @@ def results(tmp_path_factory):
 def test_script_writes_rows(results, script, metrics):
     rows = json.loads((results / f"{script}_cpu.json").read_text())
     assert metrics <= {r["metric"] for r in rows}
+    providers = {r["provider"] for r in rows}
+    if script == "bench_generate":  # issue 7's variants: linear/embed, linear/logits, block/logits, block/embed
+        assert {"base", "clm_mixed", "clm_logits", "clm_block_logits", "clm_block_embed"} <= providers
+    if script == "bench_dpo":
+        assert {"clm", "clm-block", "full", "lora"} <= providers
+        params = {r["provider"]: r["median"] for r in rows if r["metric"] == "trainable_params"}
+        assert 0 < params["clm"] < params["clm-block"] < params["full"]
     assert all(r["p20"] <= r["median"] <= r["p80"] for r in rows)
     header = (results / f"{script}_cpu.csv").read_text().splitlines()[0].split(",")
     assert header == list(common.COLUMNS)
@@ -45,8 +52,11 @@ def test_script_writes_rows(results, script, metrics):
 def test_plot_draws_and_tabulates(results):
     out = clm_bench("plot", "--results", str(results), "--table")
     assert sorted(p.name for p in results.glob("*.png")) == [
-        "dpo_cpu.png", "generate_cpu.png", "op_decode_cpu.png", "op_fwdbwd_cpu.png"]
+        "dpo_cpu.png", "generate_cpu.png", "op_decode_cpu.png", "op_fwdbwd_cpu.png", "variants_cpu.png"]
     assert "| target |" in out and "pending: no cuda results" in out
+    side = out[out.index("Side-by-side of the variants, tiny"):]
+    for variant in ("linear/embed", "linear/logits", "block/logits", "full FT DPO"):
+        assert f"| {variant} |" in side
 
 
 def test_saved_bytes_count_activations_not_parameters():
