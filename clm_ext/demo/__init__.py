@@ -1,0 +1,3 @@
+"""The end-to-end demo behind `clm demo`: a tiny review-writing model, VADER-judged preference pairs from its
+own samples, DPO of the alignment layer (and of full fine-tuning / LoRA baselines), and an alpha sweep.
+Run it with `clm demo`; `clm_ext.demo.pipeline.run` is the entry point."""

@@ -1,0 +1,79 @@
+"""One DPO run of the demo through the project's trainers (`clm_ext.train.make_dpo_trainer`).
+
+The CLM layer and the baselines (full fine-tuning with a reference copy, LoRA) get the same pairs, the same
+DPOConfig apart from the learning rate, and the same number of steps, so their rewards compare.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+
+@dataclass
+class DPOResult:
+    model: object
+    seconds: float
+    steps: int
+    step_seconds: float        # mean wall time of one optimizer step
+    trainable_params: int
+    peak_memory_mb: float      # CUDA peak allocated during training; None on CPU (not measurable per run)
+    mean_loss: float           # training loss averaged over all steps
+
+
+class _Progress(TrainerCallback):
+    """Advance the demo's own stage bar instead of the Trainer's bar."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.progress.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+
+def dpo_config(output_dir: str, steps: int, batch_size: int, lr: float, beta: float, seed: int, device: str,
+               max_length: int):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, steps // 10), beta=beta, seed=seed,
+        data_seed=seed, max_length=max_length, use_cpu=device == "cpu", bf16=False,
+        activation_checkpointing=False, logging_steps=max(1, steps // 10), save_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def train(method: str, model, tokenizer, dataset, args, progress=None) -> DPOResult:
+    """Train `model` (wrapped beforehand for method "clm") with DPO; returns it with timings."""
+    from clm_ext.train import make_dpo_trainer
+
+    callbacks = [_Progress(progress)] if progress is not None else None
+    trainer = make_dpo_trainer(method, model, args, train_dataset=dataset, processing_class=tokenizer,
+                               callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # the stage bar shows the loss; no log dicts on stdout
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    cuda = torch.cuda.is_available() and args.use_cpu is False
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    begin = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - begin
+    steps = output.global_step
+    trained = trainer.model
+    if method == "lora":
+        trained = trained.merge_and_unload()
+    trained.eval()
+    return DPOResult(
+        model=trained,
+        seconds=seconds,
+        steps=steps,
+        step_seconds=seconds / max(1, steps),
+        trainable_params=trainable,
+        peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        mean_loss=output.training_loss,
+    )

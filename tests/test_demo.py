@@ -1,0 +1,100 @@
+"""The demo: corpus, tokenizer, judge, pairs and fluency measures (fast), and `clm demo --quick` end to end."""
+import json
+import math
+import os
+
+import pytest
+
+from clm_ext.demo.corpus import make_corpus, make_prompts
+from clm_ext.demo.judge import mean_and_stderr, reward
+from clm_ext.demo.pairs import make_pairs
+from clm_ext.demo.pipeline import parse_variant
+from clm_ext.demo.sweep import distinct_n
+
+
+def test_corpus_is_balanced_seeded_and_judged_as_labelled():
+    reviews = make_corpus(400, seed=3)
+    assert sum(r.label == "pos" for r in reviews) == 200
+    assert make_corpus(400, seed=3) == reviews
+    assert make_corpus(400, seed=4) != reviews
+    pos = [reward(r.completion) for r in reviews if r.label == "pos"]
+    neg = [reward(r.completion) for r in reviews if r.label == "neg"]
+    assert sum(pos) / len(pos) > 0.4 and sum(neg) / len(neg) < -0.4
+    assert len({r.text for r in reviews}) > 350  # varied, not a handful of templates repeated
+
+
+def test_prompts_are_distinct_and_sentiment_neutral():
+    prompts = make_prompts(300, seed=1)
+    assert len(set(prompts)) == 300
+    assert all(reward(p) == 0.0 for p in prompts)
+    with pytest.raises(ValueError, match="distinct prompts"):
+        make_prompts(5000, seed=1)
+
+
+def test_tokenizer_round_trips_and_splits_at_word_boundaries():
+    from clm_ext.demo.tokenizer import train_tokenizer
+
+    reviews = make_corpus(2000, seed=0)
+    tok = train_tokenizer([r.text for r in reviews], vocab_size=512)
+    text = reviews[0].text
+    assert tok.decode(tok(text)["input_ids"]) == text
+    # TRL tokenizes prompt + completion together; the prompt's tokens must be a prefix of them.
+    prompt_ids = tok(reviews[0].prompt)["input_ids"]
+    assert tok(text)["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert tok("great")["input_ids"] != tok(" great")["input_ids"]
+    assert len(tok(" great")["input_ids"]) == 1  # corpus words are whole tokens
+
+
+def test_judge_orders_sentiment_and_stderr_is_right():
+    assert reward("what a wonderful , lovely film .") > 0.5 > -0.5 > reward("an awful , boring film .")
+    assert reward("the room") == 0.0
+    mean, se = mean_and_stderr([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and se == pytest.approx(math.sqrt((2.25 + 0.25 + 0.25 + 2.25) / 3 / 4))
+    assert mean_and_stderr([0.3]) == (0.3, 0.0)
+    with pytest.raises(ValueError, match="empty"):
+        mean_and_stderr([])
+    with pytest.raises(TypeError, match="text"):
+        reward(3)
+
+
+def test_pairs_take_best_and_worst_per_prompt_and_drop_small_margins():
+    prompts = ["a", "a", "a", "b", "b"]
+    completions = [" was fine .", " was wonderful and lovely .", " was awful .", " was ok .", " was ok ."]
+    rows = make_pairs(prompts, completions, min_margin=0.3)
+    assert rows == [{"prompt": "a", "chosen": " was wonderful and lovely .", "rejected": " was awful ."}]
+    assert len(make_pairs(prompts, completions, min_margin=0.0)) == 2
+    with pytest.raises(ValueError, match="completions"):
+        make_pairs(prompts, completions[:2], min_margin=0.3)
+
+
+def test_distinct_n_and_variant_names():
+    assert distinct_n(["a b a b"], 1) == 0.5
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    assert distinct_n([""], 2) == 0.0
+    assert parse_variant("block/logits") == ("block", "logits")
+    with pytest.raises(ValueError, match="variants"):
+        parse_variant("linear")
+
+
+def test_clm_demo_quick_end_to_end(tmp_path):
+    """The README's command at smoke-test size: every stage runs and every output is written."""
+    from clm_ext.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().startswith("## Reward")
+    assert os.path.getsize(out / "reward_vs_alpha.png") > 10_000
+    alphas = results["alphas"]
+    assert {-1.0, 0.0, 1.0, 2.0, 3.0} <= set(alphas)
+    assert len(results["reward"]) == len(results["reward_stderr"]) == len(alphas)
+    assert set(results["variants"]) == {"linear/embed", "linear/logits", "block/logits"}
+    assert set(results["baselines"]) == {"full", "lora"}
+    for variant in results["variants"].values():
+        assert [row["alpha"] for row in variant["sweep"]] == alphas
+        for row in variant["sweep"]:
+            assert -1 <= row["reward"] <= 1 and row["perplexity"] > 1 and 0 < row["distinct_2"] <= 1
+        assert variant["train"]["trainable_params"] > 0
+    train = {name: v["train"]["trainable_params"] for name, v in {**results["variants"], **results["baselines"]}.items()}
+    assert train["linear/embed"] < train["full"] and train["lora"] < train["full"]
+    assert results["timings"]["pretrain"] > 0 and results["pairs"] > 0
