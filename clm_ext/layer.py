@@ -304,6 +304,32 @@ def _aligned_class(base: type) -> type:
 # layer="block": the paper's decoder-block identity layer.
 
 
+def _second_half(kwargs: dict, rows: int) -> dict:
+    """The aligned stream's share of a decoder block's inputs: batch-dim tensors (also inside tuples, such
+    as the rotary cos/sin) cut to their second half; broadcast or batch-free inputs unchanged."""
+
+    def cut(value):
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows:
+            return value[rows // 2:]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        return value
+
+    return {name: cut(value) for name, value in kwargs.items()}
+
+
+def _aligned_rows_only(layer) -> None:
+    """The block's cache layer holds only the aligned stream's rows: beam search reorders the 2n rows of
+    both streams at once (unaligned first), so this layer takes the second half of the index, shifted."""
+    reorder = layer.reorder_cache
+
+    def reorder_aligned(beam_idx: Tensor) -> None:
+        n = beam_idx.shape[0] // 2
+        reorder(beam_idx[n:] - n)
+
+    layer.reorder_cache = reorder_aligned
+
+
 def _zero_(linear: nn.Linear) -> None:
     with torch.no_grad():
         linear.weight.zero_()
@@ -316,7 +342,9 @@ class AlignmentBlock(AlignmentSite):
 
     `hook` is registered as a forward pre-hook (with kwargs) on the first original block: it runs the new
     block with the same mask, rotary embeddings and cache, and replaces that block's input by
-    x + alpha * (block(x) - x) per row. The block's attention writes KV-cache slot `cache_index`.
+    x + alpha * (block(x) - x) per row (mode "embed"), or, in mode "logits", by block(x) for the aligned
+    stream's rows while the unaligned stream skips the block. Its attention writes KV-cache slot
+    `cache_index` (in mode "logits" only the aligned rows).
     """
 
     layer_kind = "block"
@@ -359,9 +387,16 @@ class AlignmentBlock(AlignmentSite):
                 f"{type(cache).__name__} with {type(first).__name__} layers"
             )
         if isinstance(first, DynamicSlidingWindowLayer):
-            layers.append(DynamicSlidingWindowLayer(sliding_window=first.sliding_window))
+            layer = DynamicSlidingWindowLayer(sliding_window=first.sliding_window)
         else:
-            layers.append(DynamicLayer())
+            layer = DynamicLayer()
+        if self.mode == "logits":
+            _aligned_rows_only(layer)
+        layers.append(layer)
+
+    def _run_block(self, x: Tensor, kwargs: dict) -> Tensor:
+        y = self.block(x, **kwargs)
+        return y[0] if isinstance(y, tuple) else y
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict):
         if args:
@@ -371,10 +406,13 @@ class AlignmentBlock(AlignmentSite):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:
             self._cache_slot(cache)
-        y = self.block(x, **kwargs)
-        if isinstance(y, tuple):
-            y = y[0]
         alpha = self.row_alpha(x.shape[0], x.device)
+        if self.mode == "logits":
+            # The unaligned stream (first half) skips the new block; the aligned half runs it.
+            half = x.shape[0] // 2
+            h = torch.cat([x[:half], self._run_block(x[half:], _second_half(kwargs, x.shape[0]))])
+            return (h, *args), kwargs
+        y = self._run_block(x, kwargs)
         if alpha.dim():
             alpha = alpha.view(-1, *([1] * (x.dim() - 1)))
         h = x + (alpha * (y - x).to(alpha.dtype)).to(x.dtype)

@@ -127,3 +127,18 @@ def test_block_errors():
     tok = tiny_tokenizer()
     with pytest.raises(TypeError, match="needs a DynamicCache"):
         _greedy(model, tok, cache_implementation="static")
+
+
+def test_logits_mode_unaligned_stream_skips_the_block():
+    """The block's cache slot holds only the aligned stream's rows, and beam search reorders it correctly."""
+    tok = tiny_tokenizer()
+    model = clm_ext.add_alignment_control(tiny_causal_lm("llama"), mode="logits", layer="block")
+    _perturb(model)
+    ids = _ids()
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    layers = out.cache.layers
+    assert layers[0].keys.shape[0] == 2 * ids.shape[0] and layers[-1].keys.shape[0] == ids.shape[0]
+    clm_ext.set_alpha(model, torch.tensor([0.5, 1.5, 2.0]))
+    beams = dict(num_beams=2, num_return_sequences=2)
+    assert torch.equal(_greedy(model, tok, **beams), _greedy(model, tok, use_cache=False, **beams))
