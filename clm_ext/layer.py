@@ -105,14 +105,17 @@ class AlignmentSite(nn.Module):
         """The alpha of each row this site sees: the user's (embed mode) or 0 | 1 per stream (logits mode)."""
         if self.mode == "embed":
             return expand_alpha(self.user_alpha(device), rows)
+        self._check_two_stream(rows)
+        half = torch.ones(rows, dtype=torch.float32, device=device)
+        half[: rows // 2] = 0.0
+        return half
+
+    def _check_two_stream(self, rows: int) -> None:
         if self._stream_rows != rows:
             raise RuntimeError(
                 "alignment mode 'logits' runs two streams through the whole model: call the wrapped causal LM "
                 "itself (model(...) or model.generate), not its inner modules"
             )
-        half = torch.ones(rows, dtype=torch.float32, device=device)
-        half[: rows // 2] = 0.0
-        return half
 
     # mode="logits": hooks on the causal LM run one forward of 2B rows and mix the logits. They are bound
     # methods of the site, so a deepcopy of the model gets hooks that drive its own copy of the site.
@@ -406,12 +409,13 @@ class AlignmentBlock(AlignmentSite):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:
             self._cache_slot(cache)
-        alpha = self.row_alpha(x.shape[0], x.device)
         if self.mode == "logits":
             # The unaligned stream (first half) skips the new block; the aligned half runs it.
+            self._check_two_stream(x.shape[0])
             half = x.shape[0] // 2
             h = torch.cat([x[:half], self._run_block(x[half:], _second_half(kwargs, x.shape[0]))])
             return (h, *args), kwargs
+        alpha = self.row_alpha(x.shape[0], x.device)
         y = self._run_block(x, kwargs)
         if alpha.dim():
             alpha = alpha.view(-1, *([1] * (x.dim() - 1)))
