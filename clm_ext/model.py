@@ -177,15 +177,32 @@ def _describe(model: nn.Module, site: AlignmentSite) -> dict:
     }
 
 
-def save_alignment(model: nn.Module, directory: str) -> str:
+def _full_state(module: nn.Module) -> dict:
+    """The module's state as whole CPU tensors. FSDP2 shards (DTensors) are gathered, which is a collective:
+    under FSDP every process must call this, as every process calls `save_alignment`."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        state[key] = value.detach().to("cpu").contiguous()
+    return state
+
+
+def save_alignment(model: nn.Module, directory: str, *, is_main_process: bool = True) -> str:
     """Write the alignment layer (alignment.safetensors) and alignment_config.json to `directory`.
 
     Written to a temporary directory beside it and moved into place, so `directory` is never half-written.
-    An existing alignment directory is replaced; any other non-empty directory is refused.
+    An existing alignment directory is replaced; any other non-empty directory is refused. Under FSDP call it
+    on every process (the sharded layer is gathered collectively) with `is_main_process` true on one only.
     """
     from safetensors.torch import save_file
 
     site = _site(model, "save_alignment")
+    state = _full_state(site.trainable())
+    if not is_main_process:
+        return os.path.abspath(os.fspath(directory))
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory):
         if not os.path.isdir(directory):
@@ -199,7 +216,6 @@ def save_alignment(model: nn.Module, directory: str) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in site.trainable().state_dict().items()}
         info = _describe(model, site)
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "layer": info["layer"]})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
@@ -268,8 +284,17 @@ def load_alignment(model: nn.Module, directory: str, mode: Optional[str] = None)
         )
     with torch.no_grad():
         for key, value in expected.items():
-            value.copy_(state[key])
+            value.copy_(_like(state[key], value))
     return model
+
+
+def _like(full: Tensor, target: Tensor) -> Tensor:
+    """`full` laid out as `target`: sharded the same way when `target` is an FSDP2 DTensor shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        return distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements)
+    return full
 
 
 # ------------------------------------------------------------------------------------------------

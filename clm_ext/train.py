@@ -3,17 +3,21 @@
 `CLMDPOTrainer` is TRL's `DPOTrainer` with one change of substance: the reference policy is the *same* model at
 alpha = 0 (the base model, exactly), the policy is that model at alpha = 1, and only the alignment layer trains.
 TRL never loads, copies, prepares or shards a second model. Everything else (loss types, DPOConfig options,
-evaluation, checkpoints, accelerate DDP / FSDP / DeepSpeed) is TRL's own code path.
+evaluation, accelerate DDP / FSDP / DeepSpeed) is TRL's own code path, except checkpoints: they hold the layer,
+not the frozen base (see `clm_ext.checkpoints`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 
+import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
 import clm_ext
+from clm_ext import checkpoints
 from clm_ext.model import alignment_parameters, alignment_site
 
 METHODS = ("clm", "full", "lora")
@@ -67,6 +71,7 @@ class CLMDPOTrainer(DPOTrainer):
             )
         clm_ext.set_alpha(model, 1.0)
         _check_only_the_layer_trains(model)
+        self._clm_base = checkpoints.describe_base(model)
         super().__init__(
             model=model,
             ref_model=_AlphaZeroReference(self),
@@ -105,6 +110,46 @@ class CLMDPOTrainer(DPOTrainer):
 
     def _unwrapped_model(self):
         return self.accelerator.unwrap_model(self.model)
+
+    # ---- Layer-only checkpoints: the Trainer's own optimizer / scheduler / RNG / state files, and the layer in
+    # place of the model weights (a 7B base would otherwise add ~14 GB per checkpoint, all of it unchanged).
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train; `resume_from_checkpoint=True` takes the newest *complete* checkpoint of output_dir (a
+        run killed while writing one leaves it partial) instead of the highest-numbered one."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint, _ = checkpoints.last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the alignment layer (save_alignment format), never the frozen base. In a checkpoint (the
+        Trainer's internal call) it goes to `alignment/` beside clm_checkpoint.json, which names the base."""
+        output_dir = output_dir or self.args.output_dir
+        model = self._unwrapped_model()
+        target = os.path.join(output_dir, checkpoints.LAYER_DIR) if _internal_call else output_dir
+        clm_ext.save_alignment(model, target, is_main_process=self.args.should_save)
+        if _internal_call and self.args.should_save:
+            checkpoints.write_info(output_dir, self._clm_base, model)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # Under FSDP the Trainer would also write the whole sharded model here; keep only the optimizer part.
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load the layer of a layer-only checkpoint, after checking it was made on this base and layer kind."""
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        checkpoints.check_info(resume_from_checkpoint, self._clm_base, model)
+        clm_ext.load_alignment(model, os.path.join(resume_from_checkpoint, checkpoints.LAYER_DIR))
 
 
 class _AlphaZeroReference:

@@ -2,7 +2,6 @@
 works end to end (layer saved, loadable, generation runs, resume reproduces the uninterrupted run)."""
 import copy
 import json
-import shutil
 
 import pytest
 import torch
@@ -233,17 +232,30 @@ def test_cli_trains_saves_loads_and_resumes(tmp_path, capsys):
     generated = model.generate(torch.tensor([[2, 5, 6]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 7)
 
-    # A run cut after its step-2 checkpoint, resumed with a bare --resume, ends on the uninterrupted run's layer.
+    # A run killed while writing its step-4 checkpoint (no trainer_state.json yet), resumed with a bare --resume,
+    # falls back to checkpoint-2, says so, and ends on the uninterrupted run's layer, bit for bit.
     uninterrupted = AutoModelForCausalLM.from_pretrained(model_dir)
     clm_ext.load_alignment(uninterrupted, str(tmp_path / "run"))
-    shutil.rmtree(tmp_path / "run-checkpoints" / "checkpoint-4")
+    checkpoints = tmp_path / "run-checkpoints"
+    assert not (checkpoints / "checkpoint-4" / "model.safetensors").exists()  # layer-only checkpoints
+    (checkpoints / "checkpoint-4" / "trainer_state.json").unlink()
     assert run_cli(*common, "--out", tmp_path / "run", "--resume") == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {checkpoints / 'checkpoint-2'} (skipped partial checkpoint-4: no trainer_state.json)" in out
     resumed = AutoModelForCausalLM.from_pretrained(model_dir)
     clm_ext.load_alignment(resumed, str(tmp_path / "run"))
     for (name, a), (_, b) in zip(uninterrupted.named_parameters(), resumed.named_parameters()):
-        torch.testing.assert_close(a, b, msg=name)
+        assert torch.equal(a, b), name
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+
+    # The same checkpoints on another base model: one line naming the mismatch, no traceback.
+    other = tmp_path / "other"
+    tiny_causal_lm("llama", seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    other_args = [other if a == model_dir else a for a in common]
+    with pytest.raises(SystemExit, match=r"^clm train: --resume: .*checkpoint-4 was made on another base model"):
+        run_cli(*other_args, "--out", tmp_path / "run", "--checkpoint-dir", checkpoints, "--resume")
 
 
 def test_model_path_is_loaded_and_given_a_layer(tmp_path):

@@ -51,6 +51,7 @@ def run(args) -> int:
     from trl import DPOConfig
 
     import clm_ext
+    from clm_ext.checkpoints import CheckpointMismatchError
     from clm_ext.preferences import PreferenceDataError, load_preferences
     from clm_ext.train import default_lora_config, make_dpo_trainer
 
@@ -95,7 +96,10 @@ def run(args) -> int:
     )
     extra = {"peft_config": default_lora_config(args.lora_r)} if args.method == "lora" else {}
     trainer = make_dpo_trainer(args.method, model, config, train_dataset, tokenizer, eval_dataset, **extra)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except CheckpointMismatchError as e:
+        raise SystemExit(f"clm train: --resume: {e}") from None
 
     _save_result(trainer, args, tokenizer)
     if trainer.accelerator.is_main_process:
@@ -109,14 +113,19 @@ def run(args) -> int:
 
 
 def _resume_point(resume, checkpoints):
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume from: the newest complete one for a bare --resume (a run killed while writing
+    checkpoint-N leaves it partial; it is skipped, and the choice printed)."""
+    from clm_ext.checkpoints import last_complete_checkpoint
 
     if resume is None:
         return None
     if resume == "latest":
-        last = get_last_checkpoint(checkpoints) if os.path.isdir(checkpoints) else None
+        last, partial = last_complete_checkpoint(checkpoints) if os.path.isdir(checkpoints) else (None, [])
+        skipped = f" (skipped partial {', '.join(map(os.path.basename, partial))}: no trainer_state.json)"
         if last is None:
-            raise SystemExit(f"--resume: no checkpoint-* directory in {checkpoints}")
+            raise SystemExit(f"--resume: no complete checkpoint-* directory in {checkpoints}"
+                             f"{skipped if partial else ''}")
+        print(f"clm train: resuming from {last}{skipped if partial else ''}", flush=True)
         return last
     if not os.path.isdir(resume):
         raise SystemExit(f"--resume: checkpoint directory {resume!r} does not exist")
@@ -131,8 +140,9 @@ def _save_result(trainer, args, tokenizer):
         trainer.save_model(args.out)
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(args.out)
-    elif trainer.accelerator.is_main_process:
-        clm_ext.save_alignment(trainer.accelerator.unwrap_model(trainer.model), args.out)
+    else:
+        clm_ext.save_alignment(trainer.accelerator.unwrap_model(trainer.model), args.out,
+                               is_main_process=trainer.accelerator.is_main_process)
 
 
 if __name__ == "__main__":  # `accelerate launch -m clm_ext.cli.train ...` (a launcher needs a module or a script)
