@@ -19,8 +19,9 @@ ROWS = [
 ]
 
 
-def build_trainer(out_dir, per_device_batch, callbacks=None, bf16=False):
-    """The same model (layer moved off the identity), data and options on every rank and in the test."""
+def build_trainer(out_dir, per_device_batch, callbacks=None, **options):
+    """The same model (layer moved off the identity), data and options on every rank and in the test; `options`
+    override DPOConfig fields."""
     from conftest import tiny_causal_lm, tiny_tokenizer
     from trl import DPOConfig
 
@@ -34,9 +35,10 @@ def build_trainer(out_dir, per_device_batch, callbacks=None, bf16=False):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    args = DPOConfig(output_dir=out_dir, report_to="none", per_device_train_batch_size=per_device_batch,
-                     learning_rate=1e-2, max_steps=2, max_grad_norm=0.0, logging_steps=1, save_strategy="no",
-                     use_cpu=True, bf16=bf16, max_length=32, disable_tqdm=True, seed=0)
+    args = DPOConfig(**{**dict(output_dir=out_dir, report_to="none", per_device_train_batch_size=per_device_batch,
+                               learning_rate=1e-2, max_steps=2, max_grad_norm=0.0, logging_steps=1,
+                               save_strategy="no", use_cpu=True, bf16=False, max_length=32, disable_tqdm=True,
+                               seed=0), **options})
     return CLMDPOTrainer(model, args=args, train_dataset=validate_preferences(ROWS),
                          processing_class=tiny_tokenizer(), callbacks=callbacks)
 

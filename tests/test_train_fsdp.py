@@ -5,8 +5,9 @@ loads it gives the sharded model's logits. Also with bf16 mixed precision, as FS
 
 accelerate forms FSDP only on accelerators: AcceleratorState applies the FSDP plugin when the process group is
 MULTI_GPU/XPU/NPU/..., never MULTI_CPU. torch's `fully_shard` itself runs on CPU over gloo, so the worker shows
-the gloo group to AcceleratorState as MULTI_GPU while the Trainer builds its Accelerator (`fsdp_on_cpu`); from
-then on it is accelerate's own FSDP2 path (fsdp2_prepare_model, the plugin of the launch config).
+the gloo group to AcceleratorState as MULTI_GPU (`fsdp_on_cpu`, with the Trainer's documented
+`accelerator_config={"use_configured_state": True}` so it keeps that state); from then on it is accelerate's own
+FSDP2 path (fsdp2_prepare_model, the plugin of the launch config).
 
 This file is also the worker script that `accelerate launch` runs (see `worker`).
 """
@@ -34,8 +35,9 @@ def fsdp_on_cpu():
     PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
-def worker(out_dir):
-    """Each rank: 2 steps on 2 pairs, the first step's full gradients, the gathered layer, and probe logits."""
+def worker(out_dir, resume=None):
+    """Each rank: 2 steps on 2 pairs (a layer-only checkpoint after each; or resumed from `resume`), the first
+    step's full gradients, the gathered layer, and probe logits."""
     from safetensors.torch import save_file
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
@@ -53,13 +55,18 @@ def worker(out_dir):
 
     fsdp_on_cpu()
     trainer = build_trainer(os.path.join(out_dir, "trainer"), per_device_batch=2, callbacks=[KeepFirstGradients()],
-                            bf16=os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16")
-    trainer.train()
+                            bf16=os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16",
+                            accelerator_config={"use_configured_state": True}, save_strategy="steps", save_steps=1)
+    plugin = trainer.accelerator.state.fsdp_plugin
+    assert trainer.is_fsdp_enabled and plugin.fsdp_version == 2, trainer.accelerator.state
+    if os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16":
+        assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16, plugin.mixed_precision_policy
+    trainer.train(resume_from_checkpoint=resume)
     rank = trainer.accelerator.process_index
-    assert trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2
     model = trainer.accelerator.unwrap_model(trainer.model)
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    assert len(sharded) == 3, f"expected the root and 2 decoder blocks sharded, got {len(sharded)}"
+    sharded = [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    assert {"", "model.layers.0", "model.layers.1"} <= set(sharded), sharded
+    print(f"FSDP units: {sharded}")
     layer = dict(clm_ext.model.alignment_layer(model).named_parameters())
     assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in layer.values())
     assert all(p.dtype == torch.float32 for p in layer.values())  # fp32 master weights, also under bf16
@@ -70,6 +77,20 @@ def worker(out_dir):
     save_file({**first_grads, "logits": logits}, os.path.join(out_dir, f"rank{rank}.safetensors"))
 
 
+def launch(precision, *worker_args):
+    """`accelerate launch --config_file examples/accelerate/fsdp.yaml` of this file on 2 CPU processes."""
+    path = os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path,
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--config_file", os.path.join(ROOT, "examples", "accelerate", "fsdp.yaml"),
+               "--num_processes", "2", "--main_process_port", str(free_port()), "--mixed_precision", precision,
+               os.path.abspath(__file__), *map(str, worker_args)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    errors = "\n".join(line for line in done.stderr.splitlines() if "warn" not in line.lower())
+    assert done.returncode == 0, errors[-6000:]
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_fsdp2_two_cpu_processes(tmp_path, precision):
     from safetensors.torch import load_file
@@ -77,16 +98,7 @@ def test_fsdp2_two_cpu_processes(tmp_path, precision):
     import clm_ext
     from conftest import tiny_causal_lm
 
-    path = os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path,
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", os.path.join(ROOT, "examples", "accelerate", "fsdp.yaml"),
-               "--num_processes", "2", "--main_process_port", str(free_port()), "--mixed_precision", precision,
-               os.path.abspath(__file__), str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    errors = "\n".join(line for line in done.stderr.splitlines() if "warn" not in line.lower())
-    assert done.returncode == 0, errors[-6000:]
+    launch(precision, tmp_path)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
 
     # Reference: one process, the whole 4-pair batch, fp32 (bf16 runs are compared at a bf16 tolerance).
@@ -114,6 +126,14 @@ def test_fsdp2_two_cpu_processes(tmp_path, precision):
     assert not torch.equal(clm_ext.model.alignment_parameters(plain)[0],
                            clm_ext.model.alignment_parameters(trained)[0])  # it moved from the start
 
+    # Layer-only checkpoints under FSDP: resumed from step 1, the sharded run ends on the same layer, bit for bit.
+    checkpoint = tmp_path / "trainer" / "checkpoint-1"
+    assert not any(name.startswith(("model", "pytorch_model")) for name in os.listdir(checkpoint))
+    if precision == "no":
+        launch(precision, tmp_path / "resumed", checkpoint)
+        final, resumed = (load_file(str(d / "layer" / "alignment.safetensors")) for d in (tmp_path, tmp_path / "resumed"))
+        assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
+
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(*sys.argv[1:])
