@@ -75,3 +75,22 @@ def test_missing_checkout_fails_clearly(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path / "nowhere")
     assert bench.run(bench.argparse.Namespace(script="op", args=[])) == 2
     assert "source checkout" in capsys.readouterr().err
+
+
+def test_real_model_dpo_cost_writes_rows(tmp_path):
+    """bench_dpo_real on a tiny local checkpoint (the real run uses SmolLM2-135M-Instruct): every provider runs,
+    CLM's checkpoint is the layer-only one and the smallest, full fine-tuning trains the most parameters."""
+    from conftest import tiny_causal_lm, tiny_tokenizer
+
+    tiny_causal_lm("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    clm_bench("dpo-real", "--model", str(tmp_path / "model"), "--device", "cpu", "--threads", "1", "--rounds", "1",
+              "--steps", "1", "--batch", "2", "--max-length", "24", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "bench_dpo_real_cpu.json").read_text())
+    value = {(r["provider"], r["metric"]): r["median"] for r in rows}
+    providers = ("clm", "clm-precompute", "full", "lora")
+    assert {p for p, _ in value} == set(providers)
+    assert all((p, m) in value for p in providers for m in ("step_s", "peak_rss_delta_bytes", "construct_s"))
+    assert value["clm", "trainable_params"] == 32 * 32 + 32 == value["clm-precompute", "trainable_params"]
+    assert value["full", "trainable_params"] == max(value[p, "trainable_params"] for p in providers)
+    assert value["clm", "checkpoint_bytes"] < value["lora", "checkpoint_bytes"] < value["full", "checkpoint_bytes"]
