@@ -177,9 +177,20 @@ def _describe(model: nn.Module, site: AlignmentSite) -> dict:
     }
 
 
+def _gathered(module: nn.Module, modifier_rank=None):
+    """DeepSpeed ZeRO-3 keeps only a slice of each parameter per process: gather them while the context is open
+    (a collective: every process enters it). Changes made on `modifier_rank` are kept and re-partitioned."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
 def _full_state(module: nn.Module) -> dict:
     """The module's state as whole CPU tensors. FSDP2 shards (DTensors) are gathered, which is a collective:
-    under FSDP every process must call this, as every process calls `save_alignment`."""
+    under FSDP or ZeRO-3 every process must call this, as every process calls `save_alignment`."""
     from torch.distributed.tensor import DTensor
 
     state = {}
@@ -200,7 +211,9 @@ def save_alignment(model: nn.Module, directory: str, *, is_main_process: bool = 
     from safetensors.torch import save_file
 
     site = _site(model, "save_alignment")
-    state = _full_state(site.trainable())
+    with _gathered(site.trainable()):
+        state = _full_state(site.trainable())
+        info = _describe(model, site)
     if not is_main_process:
         return os.path.abspath(os.fspath(directory))
     directory = os.path.abspath(os.fspath(directory))
@@ -216,7 +229,6 @@ def save_alignment(model: nn.Module, directory: str, *, is_main_process: bool = 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
-        info = _describe(model, site)
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "layer": info["layer"]})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(info, f, indent=2)
@@ -275,14 +287,14 @@ def load_alignment(model: nn.Module, directory: str, mode: Optional[str] = None)
         )
     target = site.trainable()
     state = load_file(os.path.join(os.fspath(directory), WEIGHTS_NAME))
-    expected = target.state_dict()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-        raise ValueError(
-            f"load_alignment: the tensors in {directory} do not fit the model's alignment layer "
-            f"(saved {sorted((k, tuple(v.shape)) for k, v in state.items())[:4]}..., expected "
-            f"{sorted((k, tuple(v.shape)) for k, v in expected.items())[:4]}...)"
-        )
-    with torch.no_grad():
+    with _gathered(target, modifier_rank=0), torch.no_grad():
+        expected = target.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            raise ValueError(
+                f"load_alignment: the tensors in {directory} do not fit the model's alignment layer "
+                f"(saved {sorted((k, tuple(v.shape)) for k, v in state.items())[:4]}..., expected "
+                f"{sorted((k, tuple(v.shape)) for k, v in expected.items())[:4]}...)"
+            )
         for key, value in expected.items():
             value.copy_(_like(state[key], value))
     return model
