@@ -133,6 +133,20 @@ def run_provider(args, provider: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def write(device, dtype, runs: dict, out: Path) -> Path:
+    rows = common.Rows("bench_dpo_real", device, dtype)
+    case = "dpo_step_real/checkpointing_off"
+    memory = "peak_bytes" if device.type == "cuda" else "peak_rss_delta_bytes"
+    for name, results in runs.items():
+        shape = results[0]["shape"]
+        for metric, unit in (("construct_s", "s"), ("first_step_s", "s"), (memory, "B"), ("load_1min", "load")):
+            rows.add(case, shape, name, metric, unit, [r[metric] for r in results])
+        rows.add(case, shape, name, "step_s", "s", [s for r in results for s in r["step_s"]])
+        rows.add(case, shape, name, "trainable_params", "params", results[0]["trainable_params"])
+        rows.add(case, shape, name, "checkpoint_bytes", "B", results[0]["checkpoint_bytes"])
+    return rows.write(out)
+
+
 def main(argv=None) -> int:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct",
@@ -154,9 +168,8 @@ def main(argv=None) -> int:
 
     args.model_dir, args.model_name = resolve_model(args.model), os.path.basename(os.path.normpath(args.model))
     device, dtype = common.resolve(args)
-    rows = common.Rows("bench_dpo_real", device, dtype)
     providers = args.providers.split(",")
-    print(f"bench_dpo_real on {rows.common['device_name']}, {dtype}, {args.model}", flush=True)
+    print(f"bench_dpo_real on {common.device_name(device)}, {dtype}, {args.model}", flush=True)
     runs = {name: [] for name in providers}
     for round_ in range(args.rounds):
         for name in providers:
@@ -167,18 +180,10 @@ def main(argv=None) -> int:
             mem = r.get("peak_bytes", r.get("peak_rss_delta_bytes"))
             print(f"  round {round_} {name:15s} step {common.quantiles(r['step_s'])[0]:.2f} s  peak {mem / 2**20:.0f} "
                   f"MiB  checkpoint {r['checkpoint_bytes'] / 2**20:.1f} MiB  load {load:.1f}", flush=True)
-    case = "dpo_step_real/checkpointing_off"
+        stem = write(device, dtype, runs, args.out)  # after every round: a long run cut short keeps what it did
+        print(f"wrote {stem}.json and .csv ({round_ + 1} round(s))", flush=True)
     for name, results in runs.items():
-        shape = results[0]["shape"]
-        memory = "peak_bytes" if device.type == "cuda" else "peak_rss_delta_bytes"
-        for metric, unit in (("construct_s", "s"), ("first_step_s", "s"), (memory, "B"), ("load_1min", "load")):
-            rows.add(case, shape, name, metric, unit, [r[metric] for r in results])
-        rows.add(case, shape, name, "step_s", "s", [s for r in results for s in r["step_s"]])
-        rows.add(case, shape, name, "trainable_params", "params", results[0]["trainable_params"])
-        rows.add(case, shape, name, "checkpoint_bytes", "B", results[0]["checkpoint_bytes"])
         print(f"  {name} checkpoint: {', '.join(results[0]['checkpoint_files'])}")
-    stem = rows.write(args.out)
-    print(f"wrote {stem}.json and .csv ({len(rows.rows)} rows)")
     return 0
 
 
