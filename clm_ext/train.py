@@ -145,6 +145,12 @@ class CLMDPOTrainer(DPOTrainer):
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
+    def _load_best_model(self) -> None:
+        """load_best_model_at_end: the best checkpoint's layer (the Trainer would look for model weights)."""
+        if self.is_deepspeed_enabled:  # DeepSpeed's own checkpoint holds the module state: its loader applies
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the layer of a layer-only checkpoint, after checking it was made on this base and layer kind."""
         model = self.accelerator.unwrap_model(model if model is not None else self.model)

@@ -20,14 +20,14 @@ from test_train import ROWS, dpo_config
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
 
 
-def trainer(tmp_path, name, model=None, layer="linear", **overrides):
+def trainer(tmp_path, name, model=None, layer="linear", eval_dataset=None, **overrides):
     """4 steps of 2 pairs (two epochs, shuffled), AdamW with linear decay, a checkpoint every 2 steps."""
     options = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=4, save_steps=2,
                    save_strategy="steps", learning_rate=1e-2)
     options.update(overrides)
     model = model if model is not None else clm_ext.add_alignment_control(tiny_causal_lm("llama"), layer=layer)
     return CLMDPOTrainer(model, args=dpo_config(tmp_path, **options), train_dataset=validate_preferences(ROWS),
-                         processing_class=tiny_tokenizer())
+                         eval_dataset=eval_dataset, processing_class=tiny_tokenizer())
 
 
 def layer_state(model):
@@ -149,3 +149,15 @@ def test_save_model_writes_the_layer(tmp_path, uninterrupted):
     assert sorted(os.listdir(tmp_path / "layer")) == ["alignment.safetensors", "alignment_config.json"]
     model = clm_ext.load_alignment(tiny_causal_lm("llama"), str(tmp_path / "layer"))
     assert all(torch.equal(a, b) for a, b in zip(alignment_parameters(model), alignment_parameters(run.model)))
+
+
+def test_load_best_model_at_end_takes_the_best_checkpoints_layer(tmp_path):
+    seen = LayerAtEachStep()
+    run = trainer(tmp_path, "h", save_steps=1, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                  metric_for_best_model="eval_rewards/margins", greater_is_better=False,
+                  eval_dataset=validate_preferences(ROWS))
+    run.add_callback(seen)
+    run.train()
+    best = int(run.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best != 4  # the last step's layer would be kept without loading the best
+    assert all(torch.equal(a, b) for a, b in zip(layer_state(run.model).values(), seen.states[best].values()))
