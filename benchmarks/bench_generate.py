@@ -8,7 +8,8 @@ exactly `new` tokens per sequence: min_new_tokens = max_new_tokens) with `model.
 - clm_logits: mode "logits" (two streams, so about 2x the work: the fidelity mode, not the fast one); the
   layer runs on the aligned stream's rows only, the unaligned stream is a plain lookup;
 - clm_logits_all_rows: mode "logits" as it was before issue 11: the layer's op over all 2B rows, with alpha
-  0 for the unaligned half (the same numbers; what skipping that half saves);
+  0 for the unaligned half (the same numbers; what skipping that half saves). Case
+  "logits_embedding_prefill" times the embedding's forward alone on the prefill's 2B rows for both;
 - merged: `clm_ext.merge_alignment(model, 1.0)`, a plain model again;
 - clm_block_logits: layer "block" (the paper's variant: a new first decoder block), mode "logits", mixed alphas;
 - clm_block_embed: layer "block", mode "embed" (the block's output mixed before the first block), mixed alphas.
@@ -66,6 +67,22 @@ def all_rows_logits(base, alpha):
     return model
 
 
+def two_stream_embedding(model, ids):
+    """The embedding's forward alone on a prefill's two-stream batch (2B rows), as the logits-mode model
+    calls it: what skipping the unaligned half saves, without the rest of the network around it."""
+    site = alignment_site(model)
+    both = torch.cat([ids, ids])
+
+    def call():
+        site._stream_rows = both.shape[0]
+        try:
+            return site(both)
+        finally:
+            site._stream_rows = None
+
+    return call
+
+
 def providers(base, batch):
     mixed = torch.linspace(-1.0, 2.0, batch)
     one = controlled(base, 1.0)
@@ -117,6 +134,15 @@ def main(argv=None) -> int:
             if alignment_site(models_[provider]) is not None:  # the alignment layer's size
                 rows.add("generate", shape, provider, "alignment_params", "params",
                          sum(p.numel() for p in alignment_parameters(models_[provider])))
+        two_stream = {k: two_stream_embedding(models_[k], ids) for k in ("clm_logits", "clm_logits_all_rows")
+                      if k in models_}
+        if two_stream:
+            with torch.inference_mode():
+                layer_times = common.time_fns(two_stream, device, repeats=4 * repeats)
+            for provider, t in layer_times.items():
+                rows.add("logits_embedding_prefill", shape, provider, "time_s", "s", t)
+            print("    logits-mode embedding forward, prefill: " + "  ".join(
+                f"{k}={common.quantiles(t)[0] * 1e6:.0f}us" for k, t in layer_times.items()), flush=True)
         base_s = common.quantiles(times["base" if "base" in times else next(iter(times))])[0]
         print(f"  {shape}\n    " + "  ".join(
             f"{k}={batch * new / common.quantiles(t)[0]:.0f} tok/s ({base_s / common.quantiles(t)[0]:.3f}x)"
