@@ -283,6 +283,12 @@ def test_gradgradcheck(alpha_kind, with_bias):
     assert torch.autograd.gradgradcheck(fn, tuple(args))
 
 
+def test_opcheck_of_the_backward_op_with_its_own_autograd():
+    x, weight, bias = make((2, 3), 8, torch.float64)
+    args = [t.requires_grad_() for t in (torch.randn_like(x), x, weight, bias, per_sequence([0.5, -1.0]))]
+    torch.library.opcheck(torch.ops.clm_ext.alignment_mix_backward.default, (*args, [True] * 4))
+
+
 def test_second_order_grads_equal_the_reference():
     """A gradient penalty (create_graph=True) through the op gives the eager composition's numbers."""
     x, weight, bias = make((3, 4), 6, torch.float64, scale=0.5)

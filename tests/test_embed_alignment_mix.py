@@ -181,6 +181,14 @@ def test_gradgradcheck(with_bias):
     assert torch.autograd.gradgradcheck(fn, tuple(leaves))
 
 
+def test_opcheck_of_the_backward_op_with_its_own_autograd():
+    embed, weight, _ = make(10, 8, torch.float64)
+    grad = torch.randn(2, 3, 8, dtype=torch.float64).requires_grad_()
+    alpha = torch.tensor([0.5, 2.0], dtype=torch.float64).requires_grad_()
+    args = (grad, ids_for((2, 3), 10), embed.requires_grad_(), weight.requires_grad_(), None, alpha, [True, True, False, True])
+    torch.library.opcheck(torch.ops.clm_ext.embed_alignment_mix_backward.default, args)
+
+
 def test_output_is_not_a_view():
     embed, weight, bias = make(10, 8, torch.float32)
     weight.requires_grad_()
