@@ -38,6 +38,7 @@ def create_app(engine: Engine, limits: Limits, alignment: str = "identity") -> F
         ok = engine.healthy()
         return JSONResponse({"status": "ok" if ok else "engine stopped", "model": limits.model_name,
                              "alignment": alignment, "in_flight": engine.in_flight, "alpha_table": len(engine.table),
+                             "mixed_alpha_forwards": engine.hooks.mixed_forwards,
                              "prefix_sharing": engine.use_prefix_sharing()}, 200 if ok else 503)
 
     @app.get("/v1/models")

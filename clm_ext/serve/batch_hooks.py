@@ -100,6 +100,7 @@ class BatchHooks:
     def __init__(self, model, site, manager, table: RequestTable):
         self.site, self.manager, self.table = site, manager, table
         self._batch: list = []
+        self.mixed_forwards = 0  # forwards whose requests carried more than one alpha (shown by /health)
         self._handles = (
             model.register_forward_pre_hook(self._set_token_alpha, with_kwargs=True),
             model.register_forward_hook(self._sample, with_kwargs=True),
@@ -129,6 +130,7 @@ class BatchHooks:
                 )
             alpha[start:end] = spec.alpha
         self.site.set_token_alpha(alpha)
+        self.mixed_forwards += len({spec.alpha for spec in specs}) > 1
         self._batch = [(fs, spec) for fs, spec in zip(requests, specs) if fs.has_new_token]
         return None
 
