@@ -93,7 +93,7 @@ def served(tmp_path_factory):
         time.sleep(0.5)
     model.eval()
     try:
-        yield {"base": base, "model": model, "tok": tok, "proc": proc, "log": log}
+        yield {"base": base, "model": model, "tok": tok, "proc": proc, "log": log, "model_dir": model_dir}
     finally:
         proc.terminate()
         try:
@@ -366,3 +366,17 @@ def test_cli_errors_are_one_line():
         assert proc.returncode != 0
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bench_serve_smoke(served, tmp_path):
+    """`clm bench serve` runs end to end (its own server; the transformers-serve provider is left out here to
+    keep the suite short) and writes its rows; it checks that rows are written, never how fast anything is."""
+    cmd = [sys.executable, "-m", "clm_ext.cli", "bench", "serve", "--smoke", "--model", str(served["model_dir"]),
+           "--providers", "clm_mixed,clm_one", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "serve_cpu.json").read_text())
+    metrics = {(r["provider"], r["metric"]) for r in rows}
+    assert {("clm_mixed", "tokens_per_s"), ("clm_one", "latency_p99_s"), ("clm_mixed/clm_one", "tokens_per_s_ratio"),
+            ("clm_mixed", "failures")} <= metrics
+    assert all(r["median"] == 0 for r in rows if r["metric"] == "failures")
