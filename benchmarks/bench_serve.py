@@ -9,8 +9,8 @@ time of the load; latency = per request, first byte sent to last byte received. 
 - clm_one: the same server process, every request at alpha 1;
 - hf_serve: `transformers serve MODEL --continuous-batching` with the same cache sizing (its default sizing
   grew to 12.5 GB on this model), no alignment layer.
-The loads run interleaved, one of each provider per round, so load changes on a shared machine hit all
-alike; the ratios per round are reported too. The clm server serves a layer W = I + noise (seeded, as if
+The loads run interleaved, one of each provider per round (the order reversed every other round), so
+load changes on a shared machine hit all alike; the ratios per round are reported too. The clm server serves a layer W = I + noise (seeded, as if
 trained), so different alphas really give different outputs (and lengths: hence tokens/s from usage).
 """
 from __future__ import annotations
@@ -207,7 +207,7 @@ def main() -> None:
             asyncio.run(run_load(*urls[server], min(conc, 4), min(conc, 4), 4, alpha_of))
         results = {name: [] for name in providers}
         for r in range(rounds):
-            for name in providers:
+            for name in providers if r % 2 == 0 else providers[::-1]:  # alternate who goes first
                 server, alpha_of = plan[name]
                 res = asyncio.run(run_load(*urls[server], n, conc, max_tokens, alpha_of))
                 results[name].append(res)
