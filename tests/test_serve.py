@@ -380,3 +380,18 @@ def test_bench_serve_smoke(served, tmp_path):
     assert {("clm_mixed", "tokens_per_s"), ("clm_one", "latency_p99_s"), ("clm_mixed/clm_one", "tokens_per_s_ratio"),
             ("clm_mixed", "failures")} <= metrics
     assert all(r["median"] == 0 for r in rows if r["metric"] == "failures")
+
+
+def test_default_alignment_is_the_demo_layer_of_the_default_model(tmp_path, monkeypatch):
+    import argparse
+
+    from clm_ext.cli import serve as cli
+
+    monkeypatch.setattr(cli, "DEMO_LAYER", tmp_path / "missing")
+    args = argparse.Namespace(model=cli.DEFAULT_MODEL, alignment=None)
+    assert cli._alignment_dir(args) is None  # no trained layer in this checkout: the identity, said at start-up
+    monkeypatch.setattr(cli, "DEMO_LAYER", tmp_path)
+    assert cli._alignment_dir(args) == str(tmp_path)
+    assert cli._alignment_dir(argparse.Namespace(model="some/dir", alignment=None)) is None
+    with pytest.raises(SystemExit, match="--alignment"):
+        cli._alignment_dir(argparse.Namespace(model="some/dir", alignment=str(tmp_path / "nope")))
