@@ -235,7 +235,8 @@ cuda = torch.cuda.is_available()
 print(json.dumps(dict(
     python=platform.python_version(), executable=sys.executable, torch=torch.__version__,
     torch_cuda=torch.version.cuda, cuda_available=cuda, device_count=torch.cuda.device_count() if cuda else 0,
-    device_name=torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+    device_name=torch.cuda.get_device_name(0) if cuda else next((ln.split(":", 1)[1].strip() for ln in
+        open("/proc/cpuinfo") if ln.startswith("model name")), platform.machine()),
     capability=".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
     cpus=os.cpu_count())))
 """
@@ -344,7 +345,7 @@ def stage_op_tests(c: Check) -> str:
 
 def stage_model_tests(c: Check) -> str:
     c.need_imports("pytest", "transformers")
-    return _pytest(c, "model-tests", MODEL_TESTS, "cpu" if c.dry else "cuda")
+    return _pytest(c, "model-tests", MODEL_TESTS, "cpu and fp32 and not block" if c.dry else "cuda")
 
 
 def _bench(c: Check, script: str, *extra) -> str:
@@ -370,12 +371,72 @@ def stage_bench_dpo(c: Check) -> str:
     return _bench(c, "dpo", "--checkpointing", "off")
 
 
+# design.md section 5, as (what, numerator, denominator, bound): "<=" or ">=" on their ratio.
+TARGETS = (
+    ("fused op fwd+bwd: eager / clm", "op:eager", "op:clm", ">=", 1.3),
+    ("fused op fwd+bwd: torch.compile / clm", "op:compile", "op:clm", ">=", 1.0),
+    ("fused op fwd+bwd: clm / bare GEMMs", "op:clm", "op:gemm", "<=", 1.15),
+    ("generation tokens/s, mixed alphas / base", "gen:clm_mixed", "gen:base", ">=", 0.98),
+    ("generation tokens/s, alpha 1 / base", "gen:clm_alpha1", "gen:base", ">=", 0.98),
+    ("generation tokens/s, merged / base", "gen:merged", "gen:base", ">=", 1.0),
+    ("DPO step time, clm / TRL full with reference copy", "dpo:clm:step_s", "dpo:full:step_s", "<=", 0.8),
+    ("DPO peak memory, clm / TRL full with reference copy", "dpo:clm:mem", "dpo:full:mem", "<=", 0.55),
+    ("DPO step time, clm / TRL + LoRA", "dpo:clm:step_s", "dpo:lora:step_s", "<=", 1.0),
+    ("DPO peak memory, clm / TRL + LoRA", "dpo:clm:mem", "dpo:lora:mem", "<=", 1.0),
+)
+
+
+def headline_values(results: Path) -> dict:
+    """The medians TARGETS compares (op: seconds, generation: tokens/s, DPO: seconds and bytes), from the
+    results files of one device: op at its largest shape with per-sequence alpha, generation at its first
+    model, DPO with checkpointing off (its last model)."""
+    values = {}
+    for path in results.glob("*.json"):
+        rows = json.loads(path.read_text())
+        if not rows:
+            continue
+        script, cuda = rows[0]["script"], rows[0]["device"] == "cuda"
+        if script == "bench_op":
+            mine = [r for r in rows if r["case"] == "alignment_mix/per_seq/fwdbwd" and r["metric"] == "time_s"]
+            flop = {r["shape"]: r["median"] for r in rows if r["case"] == "alignment_mix/per_seq/fwdbwd"
+                    and r["metric"] == "flop"}
+            shape = max(flop, key=flop.get, default=None)
+            values.update({f"op:{r['provider']}": (r["median"], shape) for r in mine if r["shape"] == shape})
+        elif script == "bench_generate":
+            shape = rows[0]["shape"]
+            values.update({f"gen:{r['provider']}": (r["median"], shape) for r in rows
+                           if r["shape"] == shape and r["metric"] == "tokens_per_s"})
+        elif script == "bench_dpo":
+            mem = "peak_bytes" if cuda else "accounted_bytes"
+            for r in rows:
+                if r["case"] == "dpo_step/checkpointing_off" and r["metric"] in ("step_s", mem):
+                    key = "step_s" if r["metric"] == "step_s" else "mem"
+                    values[f"dpo:{r['provider']}:{key}"] = (r["median"], f"{r['shape']}, {r['metric']}")
+    return values
+
+
+def target_lines(results: Path) -> list:
+    """One markdown row per design target: the measured ratio and whether it meets the bound."""
+    values = headline_values(results)
+    lines = ["| design target | bound | measured | met | at |", "|---|---|---|---|---|"]
+    for what, num, den, op, bound in TARGETS:
+        if num not in values or den not in values:
+            lines.append(f"| {what} | {op} {bound} | not measured | | |")
+            continue
+        ratio = values[num][0] / values[den][0]
+        met = ratio >= bound if op == ">=" else ratio <= bound
+        lines.append(f"| {what} | {op} {bound} | {ratio:.3f}x | {'yes' if met else 'NO'} | {values[num][1]} |")
+    return lines
+
+
 def stage_summary(c: Check) -> str:
     if not any(c.results.glob("*.json")):
         raise Skipped("no benchmark results")
     text = c.call([c.python, "-m", "clm_ext.cli", "bench", "plot", "--results", c.results, "--table"], "summary.log")
     c.facts["table"] = "\n".join(ln for ln in text.splitlines() if ln.startswith("|") or ln.startswith("Side-by"))
-    return f"{len(list(c.results.glob('*.png')))} plots, headline table in summary.md"
+    c.facts["targets"] = target_lines(c.results)
+    met = sum(ln.endswith("|") and "| yes |" in ln for ln in c.facts["targets"])
+    return f"{met} of {len(TARGETS)} design targets met; {len(list(c.results.glob('*.png')))} plots"
 
 
 STAGES = (
@@ -434,7 +495,7 @@ def write_outputs(c: Check) -> list:
     f = c.facts
     summary = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run=c.dry,
                    device_name=f.get("device_name"), torch=f.get("torch"), python=f.get("python"),
-                   stages=c.records, env={k: v for k, v in f.items() if k != "table"})
+                   stages=c.records, env={k: v for k, v in f.items() if k not in ("table", "targets")})
     (c.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     lines = [f"# gpu-check{' (dry run, CPU)' if c.dry else ''}: {summary['device_name']}, torch {summary['torch']}, "
              f"python {summary['python']}, {summary['date']}", "",
@@ -446,6 +507,8 @@ def write_outputs(c: Check) -> list:
     lines += ["",
              "| stage | status | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['detail'].replace('|', '/')} |" for r in c.records]
+    if f.get("targets"):
+        lines += ["", "## Design targets (design.md section 5)", ""] + f["targets"]
     if f.get("table"):
         lines += ["", "## Benchmarks (`clm bench plot --table`)", "", f["table"]]
     (c.out / "summary.md").write_text("\n".join(lines) + "\n")
@@ -474,31 +537,39 @@ class _Tee:
         self.file.flush()
 
 
+def _error(message: str) -> int:
+    print(f"gpu-check: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="./run gpu-check", description=__doc__.splitlines()[0])
     p.add_argument("out", nargs="?", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else
                    REPO / "gpu-check-out", help="folder for what comes back (default: $OUT, else gpu-check-out/)")
     p.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes (a rehearsal)")
     p.add_argument("--wheels", type=Path, default=REPO / ".gpu-wheels", help="carried wheels (./run gpu-wheels)")
-    p.add_argument("--scratch", type=Path, help="work folder (default: a fresh one under /tmp)")
+    p.add_argument("--scratch", type=Path,
+                   help="work folder (default: /tmp/clm-gpu-check; dry run: build/gpu-check-dry)")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds for the whole run (default 510 on the GPU, 900 in the dry run)")
+                   help="seconds for the whole run (default 480 on the GPU, 900 in the dry run)")
     p.add_argument("--only", help="comma-separated stages to run (a rerun on a warm machine, same --scratch)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
-    if only and not only <= {s.name for s in STAGES}:
-        p.error(f"--only: unknown stage(s) {', '.join(sorted(only - {s.name for s in STAGES}))}; "
-                f"stages are {', '.join(s.name for s in STAGES)}")
+    names = [s.name for s in STAGES]
+    if only and not only <= set(names):
+        return _error(f"--only: unknown stage(s) {', '.join(sorted(only - set(names)))}; stages: {', '.join(names)}")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
-        p.error(f"OUT {args.out} is not an empty folder: pass --force to write into it, or name another")
+        return _error(f"OUT {args.out} is not an empty folder: pass --force to write into it, or name another")
     args.out.mkdir(parents=True, exist_ok=True)
-    scratch = args.scratch or Path(f"/tmp/clm-gpu-check-{os.getpid()}")
+    # Fixed places, so that a rerun (--only) finds the build: on the GPU machine /tmp, here an ignored folder
+    # of the checkout (a second dry run then rebuilds nothing).
+    scratch = args.scratch or (REPO / "build" / "gpu-check-dry" if args.dry_run else Path("/tmp/clm-gpu-check"))
     c = Check(out=args.out.resolve(), scratch=scratch.resolve(), wheels=args.wheels.resolve(), dry=args.dry_run)
     for folder in (c.src, c.site, c.logs, c.results):
         folder.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    c.end = start + (args.time_limit or (900 if c.dry else 510))
+    c.end = start + (args.time_limit or (900 if c.dry else 480))
     sys.stdout = _Tee(sys.stdout, c.logs / "gpu_check.log")
     print(f"[gpu-check] {'dry run' if c.dry else 'GPU run'}: scratch {c.scratch}, out {c.out}", flush=True)
     if only and "wheels" not in only:  # a rerun uses the wheels the first run installed into --scratch
