@@ -102,8 +102,8 @@ class Check:
                 "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 
     def call(self, cmd: list, log: str, *, env: dict = None, cwd: Path = None, check: bool = True) -> str:
-        """Run `cmd` until the stage's deadline, output to logs/<log>; return that output. A timeout kills the
-        whole process group (pytest and bench_dpo start children that would otherwise hold the GPU)."""
+        """Run `cmd` until the stage's deadline, output appended to logs/<log>; return this call's output. A
+        timeout kills the whole process group (pytest and bench_dpo start children that would hold the GPU)."""
         timeout = self.deadline - time.monotonic()
         if timeout <= 1:
             raise Failed(f"no time left for: {' '.join(map(str, cmd))}")
@@ -111,6 +111,7 @@ class Check:
         with path.open("a") as f:
             f.write(f"$ {' '.join(map(str, cmd))}\n")
             f.flush()
+            start = f.tell()
             proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=cwd or self.src,
                                     env=env or self.env(), start_new_session=True)
             try:
@@ -119,7 +120,9 @@ class Check:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise Failed(f"timed out after {timeout:.0f} s (see logs/{log})") from None
-        text = path.read_text(errors="replace")
+        with path.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
         if check and rc != 0:
             raise Failed(f"exit {rc}: {_last_line(text)} (see logs/{log})")
         return text
