@@ -205,7 +205,8 @@ def _installed_versions(python: str) -> dict:
     code = ("import importlib.metadata as m, json, re\n"
             "print(json.dumps({re.sub(r'[-_.]+', '-', d.metadata['Name']).lower(): d.version "
             "for d in m.distributions() if d.metadata['Name']}))")
-    return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
+    return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True,
+                                     timeout=60).stdout)
 
 
 def _wanted_requirements() -> list:
@@ -369,7 +370,7 @@ def stage_bench_generate(c: Check) -> str:
 
 
 def stage_bench_dpo(c: Check) -> str:
-    c.need_imports("transformers", "trl", "peft", "datasets")
+    c.need_imports("transformers", "trl", "peft", "datasets", "psutil")
     # Checkpointing off only: the clean comparison of memory (design target), and half the worker processes.
     return _bench(c, "dpo", "--checkpointing", "off")
 
@@ -435,10 +436,10 @@ def target_lines(results: Path) -> list:
 def stage_summary(c: Check) -> str:
     if not any(c.results.glob("*.json")):
         raise Skipped("no benchmark results")
+    c.facts["targets"] = target_lines(c.results)  # first: it needs no matplotlib
     text = c.call([c.python, "-m", "clm_ext.cli", "bench", "plot", "--results", c.results, "--table"], "summary.log")
     c.facts["table"] = "\n".join(ln for ln in text.splitlines() if ln.startswith("|") or ln.startswith("Side-by"))
-    c.facts["targets"] = target_lines(c.results)
-    met = sum(ln.endswith("|") and "| yes |" in ln for ln in c.facts["targets"])
+    met = sum("| yes |" in ln for ln in c.facts["targets"])
     return f"{met} of {len(TARGETS)} design targets met; {len(list(c.results.glob('*.png')))} plots"
 
 
@@ -564,20 +565,27 @@ def main(argv=None) -> int:
         return _error(f"--only: unknown stage(s) {', '.join(sorted(only - set(names)))}; stages: {', '.join(names)}")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
         return _error(f"OUT {args.out} is not an empty folder: pass --force to write into it, or name another")
-    args.out.mkdir(parents=True, exist_ok=True)
     # Fixed places, so that a rerun (--only) finds the build: on the GPU machine /tmp, here an ignored folder
     # of the checkout (a second dry run then rebuilds nothing).
     scratch = args.scratch or (REPO / "build" / "gpu-check-dry" if args.dry_run else Path("/tmp/clm-gpu-check"))
+    marker = scratch / ".clm-gpu-check"  # the scratch folders this script made, and may clear
+    if scratch.exists() and any(scratch.iterdir()) and not marker.exists():
+        return _error(f"--scratch {scratch} holds files this script did not write: name an empty or new folder")
+    args.out.mkdir(parents=True, exist_ok=True)
     c = Check(out=args.out.resolve(), scratch=scratch.resolve(), wheels=args.wheels.resolve(), dry=args.dry_run)
+    if not only:  # a fresh run: this run's logs and results only (a rerun with --only adds to them)
+        for folder in (c.logs, c.results):
+            shutil.rmtree(folder, ignore_errors=True)
     for folder in (c.src, c.site, c.logs, c.results):
         folder.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     start = time.monotonic()
     c.end = start + (args.time_limit or (900 if c.dry else 480))
     sys.stdout = _Tee(sys.stdout, c.logs / "gpu_check.log")
     print(f"[gpu-check] {'dry run' if c.dry else 'GPU run'}: scratch {c.scratch}, out {c.out}", flush=True)
     if only and "wheels" not in only:  # a rerun uses the wheels the first run installed into --scratch
         c.deadline = time.monotonic() + 60
-        c.facts["packages_after"] = c.importable(PACKAGES)
+        c.facts["packages_after"] = c.importable(PACKAGES + ALSO_RECORDED)
     run_stages(c, STAGES, only)
     files = write_outputs(c)
     failed = [r["stage"] for r in c.records if r["status"] == "failed"]

@@ -143,3 +143,6 @@ def test_out_that_holds_files_is_refused_without_force(tmp_path, capsys):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
     assert gpu_check.main([str(tmp_path / "new"), "--only", "bench-nope"]) == 2
     assert "unknown stage(s) bench-nope" in capsys.readouterr().err
+    assert gpu_check.main([str(tmp_path / "new"), "--dry-run", "--scratch", str(tmp_path)]) == 2
+    assert "holds files this script did not write" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "keep me"

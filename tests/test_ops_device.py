@@ -60,7 +60,7 @@ try:
     else:
         out = ops.embed_alignment_mix(ids, table, w, b, 0.5)
     torch.cuda.synchronize()
-except RuntimeError as e:
+except (RuntimeError, IndexError) as e:  # a device assert, or a check before the launch
     print("CAUGHT", str(e).strip().splitlines()[0])
 else:
     print("NOT CAUGHT: returned", out.tolist())
@@ -83,15 +83,21 @@ def test_cuda_tensors_on_another_gpu_than_the_current_one(dtype):
     """The kernels launch on their tensors' GPU (a device guard), not on the current one."""
     torch.cuda.set_device(0)
     g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(3, 5, 16, generator=g), torch.eye(16) + 0.2 * torch.randn(16, 16, generator=g), torch.zeros(16)
+    x = torch.randn(3, 5, 16, generator=g)
+    w = torch.eye(16) + 0.2 * torch.randn(16, 16, generator=g)
+    b = 0.2 * torch.randn(16, generator=g)
     alpha = torch.tensor([-0.5, 1.0, 2.0])
-    on1 = [t.to("cuda:1", dtype) for t in (x, w, b)]
-    out = ops.alignment_mix(*on1, alpha.to("cuda:1"))
-    ids = torch.tensor([[1, 2], [3, 4], [5, 6]], device="cuda:1")
-    emb = ops.embed_alignment_mix(ids, on1[0].reshape(-1, 16), on1[1], on1[2], alpha.to("cuda:1"))
+    table = x.reshape(-1, 16)
+    ids = torch.tensor([[1, 2], [3, 4], [14, 0]])
+    x1, w1, b1, t1 = (t.to("cuda:1", dtype) for t in (x, w, b, table))
+    a1, i1 = alpha.to("cuda:1"), ids.to("cuda:1")  # alpha stays float32
+    out, emb = ops.alignment_mix(x1, w1, b1, a1), ops.embed_alignment_mix(i1, t1, w1, b1, a1)
     assert out.device == emb.device == torch.device("cuda:1")
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(out.cpu().float(), ops.reference_alignment_mix(*[t.cpu().float() for t in on1], alpha),
+    exact = [t.cpu().double() for t in (x1, w1, b1, t1)]
+    torch.testing.assert_close(out.cpu().double(), ops.reference_alignment_mix(*exact[:3], alpha.double()),
                                rtol=tol, atol=tol)
+    torch.testing.assert_close(emb.cpu().double(), ops.reference_embed_alignment_mix(
+        ids, exact[3], exact[1], exact[2], alpha.double()), rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="weight is on cuda:0, the input on cuda:1"):
-        ops.alignment_mix(on1[0], on1[1].to("cuda:0"), on1[2], 1.0)
+        ops.alignment_mix(x1, w1.to("cuda:0"), b1, 1.0)
