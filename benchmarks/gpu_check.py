@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-# The packages the issue asks about; the GPU stages need all but hypothesis for the op tests' property test.
+# The packages issue 14 asks about (hypothesis: only for the property test of tests/test_alignment_mix.py).
 PACKAGES = ("transformers", "trl", "peft", "accelerate", "datasets", "pytest", "hypothesis", "safetensors")
 # Recorded too: what the carried wheels lean on (datasets 5.2 needs pyarrow >= 24; bench_dpo needs psutil).
 ALSO_RECORDED = ("pyarrow", "psutil", "tokenizers", "huggingface_hub", "numpy")
