@@ -14,8 +14,9 @@ log, the pytest junit files).
 
 The lent machine, as KINDS.md read it (2026-11) before any run of this script: python3 3.12.3
 (/opt/torch/.venv/bin/python3) with torch 2.11.0+cu130, nvcc 13.0, ninja, pybind11, transformers 5.17.0,
-accelerate 1.15.0, peft, safetensors 0.8.0, pytest, hypothesis, psutil, tokenizers 0.23.2; no trl, no datasets
-(hence the carried wheels). The env stage of each real run records what it found (summary.json "env").
+accelerate 1.15.0, peft, safetensors 0.8.0, pytest, hypothesis, psutil, tokenizers 0.23.2; no trl, no datasets,
+and transformers below requirements.txt's 5.24 pin (hence the carried wheels). The env stage of each real run
+records what it found (summary.json "env").
 """
 from __future__ import annotations
 
