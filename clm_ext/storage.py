@@ -91,7 +91,7 @@ def read_layer(directory: str) -> Tuple[dict, Dict[str, Tensor]]:
     for _ in range(_READ_ATTEMPTS):
         text = _read_config_text(directory)
         info = parse_config(text, os.path.join(directory, CONFIG_NAME))
-        path = os.path.join(directory, info.get("weights", LEGACY_WEIGHTS_NAME))
+        path = os.path.join(directory, info["weights"] if info["format_version"] == 2 else LEGACY_WEIGHTS_NAME)
         try:
             with open(path, "rb") as f:  # once open, a concurrent save's cleanup cannot take it away
                 data = f.read()
