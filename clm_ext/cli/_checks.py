@@ -51,10 +51,8 @@ def check_out(command: str, out: str, force: bool) -> None:
 
 def check_model_dir(command: str, model: str) -> None:
     """Refuse a --model that names a missing local path (anything else may be a hub id) in one line."""
-    if os.path.isdir(model):
-        return
     if os.path.exists(model):
-        raise SystemExit(f"clm {command}: --model {model} is not a directory (expected a save_pretrained directory)")
+        return
     if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1:
         raise SystemExit(f"clm {command}: --model {model}: no such directory")
 
