@@ -222,22 +222,27 @@ def test_a_kill_at_any_step_leaves_the_old_or_the_new_layer(tmp_path, monkeypatc
 CONCURRENT = textwrap.dedent("""
     import json, sys, time
     import torch
-    from clm_ext import storage
+    sys.path.insert(0, sys.argv[5])
+    from conftest import tiny_causal_lm
+    import clm_ext
+    from clm_ext.model import alignment_layer
 
     role, directory, seconds, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
-    info = {"model_type": "llama", "hidden_size": 8, "layer": "linear", "mode": "embed"}
+    model = clm_ext.add_alignment_control(tiny_causal_lm("llama"))
+    layer = alignment_layer(model)
     counts = {"done": 0, "errors": []}
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         try:
-            if role == "save":
-                marker = seed * 100000 + counts["done"]
-                storage.write_layer(directory, {"weight": torch.full((8, 8), float(marker)),
-                                                "bias": torch.full((8,), float(marker))}, {**info, "marker": marker})
+            if role == "save":  # every value of save k is the same number, unique to this process and k
+                with torch.no_grad():
+                    for p in layer.parameters():
+                        p.fill_(seed * 100000 + counts["done"])
+                clm_ext.save_alignment(model, directory)
             else:
-                config, tensors = storage.read_layer(directory)
-                values = {float(v) for t in tensors.values() for v in t.flatten()}
-                assert values == {float(config["marker"])}, (values, config["marker"])
+                clm_ext.load_alignment(model, directory)
+                values = {float(v) for p in layer.parameters() for v in p.detach().flatten()}
+                assert len(values) == 1, f"a mix of saves: {sorted(values)[:4]}"
             counts["done"] += 1
         except Exception as e:
             counts["errors"].append(f"{type(e).__name__}: {e}")
@@ -248,18 +253,22 @@ CONCURRENT = textwrap.dedent("""
 def test_concurrent_saves_and_loads_never_fail_or_mix(tmp_path):
     """Two processes saving and two loading the same directory for 3 s: every load is one whole save."""
     target = str(tmp_path / "layer")
-    storage.write_layer(target, {"weight": torch.zeros(8, 8), "bias": torch.zeros(8)},
-                        {"model_type": "llama", "hidden_size": 8, "layer": "linear", "mode": "embed", "marker": 0})
+    first = _model(0)
+    with torch.no_grad():
+        for p in alignment_parameters(first):
+            p.fill_(0.0)
+    clm_ext.save_alignment(first, target)
     roles = ["save", "save", "load", "load"]
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, role, target, "3", str(i + 1)],
+    tests = os.path.dirname(os.path.abspath(__file__))
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, role, target, "3", str(i + 1), tests],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, role in enumerate(roles)]
     results = []
     for proc in procs:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        results.append(json.loads(out))
+        results.append(json.loads(out.splitlines()[-1]))
     for role, result in zip(roles, results):
-        assert result["errors"] == [], (role, result["errors"][:3])
+        assert result["errors"] == [], (role, len(result["errors"]), result["errors"][:3])
         assert result["done"] > 0, role
     assert sorted(os.listdir(tmp_path)) == ["layer"] and len(os.listdir(target)) == 3
 
