@@ -41,7 +41,7 @@ PACKAGES = ("transformers", "trl", "peft", "accelerate", "datasets", "pytest", "
 # Recorded too: what the carried wheels lean on (datasets 5.2 needs pyarrow >= 24; bench_dpo needs psutil).
 ALSO_RECORDED = ("pyarrow", "psutil", "tokenizers", "huggingface_hub", "numpy")
 # What the scratch copy needs: sources to build, the package, the tests and the benchmark scripts.
-COPIED = ("setup.py", "requirements.txt", "csrc", "clm_ext", "tests", "benchmarks")
+COPIED = ("setup.py", "pyproject.toml", "README.md", "requirements.txt", "csrc", "clm_ext", "tests", "benchmarks")
 OP_TESTS = ("tests/test_alignment_mix.py", "tests/test_embed_alignment_mix.py", "tests/test_embedding_lerp.py",
             "tests/test_ops_device.py")
 MODEL_TESTS = ("tests/test_model_device.py",)
