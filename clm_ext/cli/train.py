@@ -13,7 +13,8 @@ SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracie
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="model directory (save_pretrained) with its tokenizer")
+    parser.add_argument("--model", required=True, help="smollm2-135m-instruct, gemma3-270m, a model directory "
+                        "(save_pretrained) with its tokenizer, or a .gguf file")
     parser.add_argument("--dataset", required=True, help="preference JSONL file or datasets save_to_disk directory")
     parser.add_argument("--eval-dataset", help="optional held-out preferences, same formats")
     parser.add_argument("--out", required=True, help="output directory")
@@ -43,6 +44,9 @@ def add_arguments(parser):
                         help="alignment layer kind for --method clm (default linear, see add_alignment_control)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (method lora)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="train on plain-text rows as they are (default: when the tokenizer has a chat template, "
+                        "a plain prompt becomes a user turn and each completion the assistant's reply)")
 
 
 def run(args) -> int:
@@ -64,8 +68,14 @@ def run(args) -> int:
     except (PreferenceDataError, FileNotFoundError) as e:
         raise SystemExit(f"clm train: {e}") from None
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
+    from ._load import resolve_model_argument
+
+    model_dir = resolve_model_argument(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not args.no_chat_template and getattr(tokenizer, "chat_template", None):
+        train_dataset = as_conversations(train_dataset)
+        eval_dataset = as_conversations(eval_dataset) if eval_dataset is not None else None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     if args.method == "clm":
         clm_ext.add_alignment_control(model, layer=args.layer)
     config = DPOConfig(
@@ -106,6 +116,16 @@ def run(args) -> int:
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in SUMMARY_KEYS if k in last)
         print(f"clm train: {args.method} done after {trainer.state.global_step} steps; {summary}; wrote {args.out}")
     return 0
+
+
+def as_conversations(dataset):
+    """Plain-text preference rows as one user turn and the assistant's replies (TRL then applies the chat
+    template, as the model saw in its instruction tuning); conversational rows are left as they are."""
+    if not isinstance(dataset[0]["prompt"], str):
+        return dataset
+    return dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}],
+                                    "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+                                    "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]})
 
 
 def _resume_point(resume, checkpoints):
