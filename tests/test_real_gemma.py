@@ -41,7 +41,10 @@ def _controlled(base, seed=0):
 
 
 def _batch(tokenizer, texts):
-    return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    """Left-padded, with the position ids each row has alone."""
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    batch["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return batch
 
 
 def test_gemma_alpha_zero_is_the_base_model_and_the_layer_acts_before_the_scaling(gemma):
@@ -57,12 +60,12 @@ def test_gemma_alpha_zero_is_the_base_model_and_the_layer_acts_before_the_scalin
             assert torch.equal(model(**batch).logits, reference)
         with clm_ext.alignment_strength(model, 1.0):
             moved = model(**batch).logits
-        # alpha 1 = the base model fed the aligned token table (E W^T + b), Gemma's sqrt(d) applied after it
+        # alpha 1 = the base model fed the aligned lookup E[id] W^T + b, Gemma's sqrt(d) scaling applied after it
         weight, bias = clm_ext.model.alignment_parameters(model)
-        folded = copy.deepcopy(base)
-        table = folded.get_input_embeddings().weight
-        table.copy_(table @ weight.T + bias)
-        expected = folded(**batch).logits
+        embedding = base.get_input_embeddings()
+        aligned = (embedding.weight[batch.input_ids] @ weight.T + bias) * embedding.embed_scale
+        expected = base(inputs_embeds=aligned, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids).logits
     assert (moved - reference).abs().max() > 1e-2
     torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-3)
 
@@ -78,7 +81,7 @@ def test_gemma_mixed_alphas_equal_each_sequence_alone(gemma):
     with torch.no_grad(), clm_ext.alignment_strength(model, torch.tensor(alphas)):
         mixed = model(**batch).logits
     for i, (text, alpha) in enumerate(zip(texts, alphas)):
-        alone = tokenizer([text], return_tensors="pt")
+        alone = _batch(tokenizer, [text])
         width = alone.input_ids.shape[1]
         with torch.no_grad(), clm_ext.alignment_strength(model, alpha):
             single = model(**alone).logits[0]

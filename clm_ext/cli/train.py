@@ -25,7 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="TRL loss type(s), e.g. sigmoid ipo")
     parser.add_argument("--loss-weights", nargs="+", type=float, help="one weight per --loss-type")
     parser.add_argument("--max-length", type=int, default=512, help="truncate prompt+completion (default 512)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="training epochs (default 1)")
+    parser.add_argument("--epochs", type=float, default=3.0,
+                        help="training epochs (default 3: one pass over a few hundred pairs is too few steps for the layer)")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     parser.add_argument("--lr", type=float, help=f"learning rate (default per method: {DEFAULT_LR})")
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch of preference pairs")
