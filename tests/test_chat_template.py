@@ -53,10 +53,11 @@ def test_cli_generate_applies_the_chat_template_unless_told_not_to(tmp_path, mon
 def test_cli_generate_names_a_bad_model_in_one_line(capsys):
     from clm_ext.cli import main
 
-    with pytest.raises(SystemExit) as err:
-        main(["generate", "--model", "no/such/model", "--prompt", "hi"])
-    message = str(err.value)
-    assert message.startswith("clm: --model") and "\n" not in message
+    for bad in ("no/such/model", "no-such-model"):  # a missing path; a name that is no packaged model
+        with pytest.raises(SystemExit) as err:
+            main(["generate", "--model", bad, "--prompt", "hi"])
+        message = str(err.value)
+        assert message.startswith("clm") and f"--model" in message and bad in message and "\n" not in message
 
 
 def test_train_turns_plain_rows_into_one_conversation_turn():

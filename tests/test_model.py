@@ -153,6 +153,16 @@ def test_bf16_alpha_zero_is_the_base_model():
     assert _logits(model, ids).dtype == torch.bfloat16
 
 
+def test_casting_a_wrapped_model_to_bf16_keeps_the_layer_float32():
+    model = clm_ext.add_alignment_control(tiny_causal_lm("llama"))
+    clm_ext.set_alpha(model, 1e300 / 1e270)  # 1e30: large but finite in float32
+    with pytest.raises(ValueError, match="finite in float32"):
+        clm_ext.set_alpha(model, 1e300)
+    model.to(torch.bfloat16)
+    assert alignment_layer(model).weight.dtype == torch.float32
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
 def test_bf16_model_trains_a_float32_layer():
     """Updates far below bfloat16's spacing near 1 (~0.004) must reach the layer's diagonal."""
     model = clm_ext.add_alignment_control(tiny_causal_lm("llama").to(torch.bfloat16))
@@ -240,7 +250,9 @@ def test_save_is_atomic_and_never_clobbers_other_directories(tmp_path):
     _perturb(model)
     clm_ext.save_alignment(model, target)  # replaces a previous save
     assert sorted(os.listdir(tmp_path)) == ["layer"]  # no temporary directory left behind
-    assert sorted(os.listdir(target)) == ["alignment.safetensors", "alignment_config.json"]
+    names = sorted(os.listdir(target))  # the lock, one weights file (the old one deleted), the config
+    assert len(names) == 3 and names[0] == ".alignment.lock" and names[2] == "alignment_config.json"
+    assert names[1].startswith("alignment-") and names[1].endswith(".safetensors")
     other = tmp_path / "checkpoint"
     other.mkdir()
     (other / "model.safetensors").write_text("precious")

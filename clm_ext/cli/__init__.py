@@ -10,12 +10,22 @@ COMMANDS = {
     "merge": "Fold the alignment layer into a plain transformers model for one alpha.",
     "demo": "The end-to-end demo: align a real model (or --toy) on VADER-judged pairs, then sweep alpha.",
     "bench": "Run one of the benchmark scripts.",
+    "serve": "Serve the model over an OpenAI-compatible API, with an alpha per request.",
 }
 LIST_OPTIONS = ("--alphas",)  # comma-separated numbers that may start with '-'
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (the usage itself is one `--help` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="clm", description="clm-ext: an alignment dial for Hugging Face causal LMs.")
+    """Run one command; bad input (ValueError, OSError) ends in one line on stderr and exit code 2, not a
+    traceback."""
+    parser = _Parser(prog="clm", description="clm-ext: an alignment dial for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     argv = _attach_list_values(list(argv if argv is not None else sys.argv[1:]))
     chosen = argv[:1]
@@ -24,7 +34,16 @@ def main(argv=None) -> int:
         if chosen == [name]:
             importlib.import_module(f"clm_ext.cli.{name}").add_arguments(p)
     args = parser.parse_args(argv)
-    return importlib.import_module(f"clm_ext.cli.{args.command}").run(args) or 0
+    try:
+        return importlib.import_module(f"clm_ext.cli.{args.command}").run(args) or 0
+    except (ValueError, OSError) as e:
+        print(f"clm {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
 
 
 def _attach_list_values(argv: list) -> list:
