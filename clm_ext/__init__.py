@@ -1,6 +1,6 @@
 """clm-ext: an alignment dial for Hugging Face causal language models."""
 from . import ops
-from .generation import generate
+from .generation import chat_prompt, generate
 from .model import (
     add_alignment_control,
     alignment_strength,
@@ -21,4 +21,5 @@ __all__ = [
     "load_alignment",
     "merge_alignment",
     "generate",
+    "chat_prompt",
 ]

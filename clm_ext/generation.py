@@ -14,6 +14,15 @@ from torch import nn
 from .model import _site, alignment_strength
 
 
+def chat_prompt(tokenizer, text: str, chat: bool = True) -> str:
+    """`text` as a user turn in the tokenizer's chat template, ready for the reply (an instruct model answers it
+    instead of continuing it); `text` unchanged when `chat` is False or the tokenizer has no template."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
 def generate(
     model: nn.Module,
     tokenizer,
@@ -55,8 +64,10 @@ def generate(
         tokenizer.pad_token = tokenizer.eos_token
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the right end
+    bos = tokenizer.bos_token
+    rendered = bool(bos) and all(p.startswith(bos) for p in prompts)  # a chat template already put BOS there
     try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not rendered).to(device)
     finally:
         tokenizer.padding_side = side
     generate_kwargs.setdefault("max_new_tokens", 32)

@@ -81,9 +81,9 @@ def test_clm_demo_quick_end_to_end(tmp_path):
     from clm_ext.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["demo", "--toy", "--quick", "--out", str(out), "--device", "cpu"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert (out / "results.md").read_text().startswith("## Reward")
+    assert (out / "results.md").read_text().startswith("# clm demo on toy")
     assert os.path.getsize(out / "reward_vs_alpha.png") > 10_000
     alphas = results["alphas"]
     assert {-1.0, 0.0, 1.0, 2.0, 3.0} <= set(alphas)
@@ -98,3 +98,74 @@ def test_clm_demo_quick_end_to_end(tmp_path):
     train = {name: v["train"]["trainable_params"] for name, v in {**results["variants"], **results["baselines"]}.items()}
     assert train["linear/embed"] < train["full"] and train["lora"] < train["full"]
     assert results["timings"]["pretrain"] > 0 and results["pairs"] > 0
+
+
+def test_requests_are_distinct_neutral_and_train_eval_disjoint():
+    from clm_ext.demo.requests import SUBJECTS, make_requests
+
+    train, held_out = make_requests(200, "train", seed=0), make_requests(100, "eval", seed=0)
+    assert len(set(train)) == 200 and len(set(held_out)) == 100
+    assert make_requests(200, "train", seed=0) == train and make_requests(200, "train", seed=1) != train
+    train_subjects = {s for pair in SUBJECTS.values() for s in pair[0]}
+    eval_subjects = {s for pair in SUBJECTS.values() for s in pair[1]}
+    assert not train_subjects & eval_subjects
+    assert all(any(s in r for s in eval_subjects) for r in held_out)
+    assert not any(s in r for r in train for s in eval_subjects)
+    asks = {"good", "bad", "great", "positive", "negative", "love", "hate", "best", "worst", "praise", "complain"}
+    assert not any(asks & set(r.lower().strip(".").split()) for r in train + held_out)  # nothing asks for a verdict
+    with pytest.raises(ValueError, match="split"):
+        make_requests(3, "test", seed=0)
+    with pytest.raises(ValueError, match="distinct eval requests"):
+        make_requests(10_000, "eval", seed=0)
+
+
+def test_heldout_judge_is_textblob_and_orders_sentiment():
+    from clm_ext.demo.judge import heldout_reward
+
+    assert heldout_reward("A wonderful, lovely hotel.") > 0.5 > -0.5 > heldout_reward("An awful, terrible hotel.")
+    assert heldout_reward("The room has a door.") == 0.0
+    # a word VADER scores but TextBlob's lexicon does not: the judges differ, so one can be gamed alone
+    assert reward("yay") > 0 and heldout_reward("yay") == 0.0
+    with pytest.raises(TypeError, match="text"):
+        heldout_reward(None)
+
+
+def test_fluency_measures():
+    from clm_ext.demo.sweep import mean_words, repeated_ngram_share, unknown_word_share
+
+    looping = "the food was good and the food was good and"
+    assert repeated_ngram_share([looping, "a b c d e", "x y"], 4) == pytest.approx(1 / 3)
+    assert repeated_ngram_share(["The food was good. the food was good"], 4) == 1.0  # case-insensitive
+    assert unknown_word_share(["The hotel was lovely"]) == 0.0
+    assert unknown_word_share(["a bowl of nerf makes a first-class nawes Kalerenbeiderfleufe"]) == pytest.approx(3 / 10)
+    assert mean_words(["a b c", "d"]) == 2.0 and mean_words([]) == 0.0
+
+
+def test_spearman_and_checks_on_a_known_sweep():
+    from clm_ext.demo.report import checks, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(0.8660254)  # ties get their mean rank
+    alphas = [-1.0, 0.0, 1.0, 2.0, 3.0]
+    vader, blob = [-0.2, 0.1, 0.5, 0.6, 0.55], [0.0, 0.1, 0.2, 0.19, 0.3]
+    row = lambda v, b, p: {"reward": v, "heldout_reward": b, "perplexity": p, "repeated_4gram": 0.1,
+                           "unknown_words": 0.01}
+    results = {"alphas": alphas, "base": row(0.1, 0.1, 10.0), "baselines": {"full": row(0.7, 0.35, 12.0)},
+               "variants": {"linear/embed": {"sweep": [row(v, b, p) for v, b, p in
+                                                       zip(vader, blob, [9, 10, 12, 20, 40])]}}}
+    c = checks(results)["linear/embed"]
+    assert c["monotone_alpha_-1_to_2"] and c["spearman_alpha_-1_to_2"] == pytest.approx(1.0)
+    assert c["gain_vs_full_at_alpha_1"] == pytest.approx(0.4 / 0.6) and c["alpha_2_beats_1"]
+    h = c["heldout"]
+    assert not h["monotone_alpha_-1_to_2"] and not h["alpha_2_beats_1"] and h["best_alpha"] == 3.0
+    assert h["spearman_alpha_-1_to_2"] == pytest.approx(0.8) and h["gain_vs_full_at_alpha_1"] == pytest.approx(0.4)
+    assert c["max_perplexity_ratio_alpha_le_1.5"] == pytest.approx(1.2)
+
+
+def test_negative_alpha_lists_parse_with_a_space():
+    from clm_ext.cli import _attach_list_values
+
+    assert _attach_list_values(["demo", "--alphas", "-1,0,1", "--out", "x"]) == ["demo", "--alphas=-1,0,1", "--out", "x"]
+    assert _attach_list_values(["demo", "--alphas", "-.5,1"]) == ["demo", "--alphas=-.5,1"]
+    assert _attach_list_values(["demo", "--alphas", "0,1", "--quick"]) == ["demo", "--alphas", "0,1", "--quick"]

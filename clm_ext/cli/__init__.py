@@ -8,10 +8,11 @@ COMMANDS = {
     "generate": "Generate at several alignment strengths side by side.",
     "train": "Train the alignment layer with DPO (or a full / LoRA DPO baseline).",
     "merge": "Fold the alignment layer into a plain transformers model for one alpha.",
-    "demo": "The end-to-end demo: tiny model, VADER-judged preferences, DPO, alpha sweep.",
+    "demo": "The end-to-end demo: align a real model (or --toy) on VADER-judged pairs, then sweep alpha.",
     "bench": "Run one of the benchmark scripts.",
     "serve": "Serve the model over an OpenAI-compatible API, with an alpha per request.",
 }
+LIST_OPTIONS = ("--alphas",)  # comma-separated numbers that may start with '-'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +27,8 @@ def main(argv=None) -> int:
     traceback."""
     parser = _Parser(prog="clm", description="clm-ext: an alignment dial for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    chosen = (argv if argv is not None else sys.argv[1:])[:1]
+    argv = _attach_list_values(list(argv if argv is not None else sys.argv[1:]))
+    chosen = argv[:1]
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if chosen == [name]:
@@ -42,6 +44,17 @@ def main(argv=None) -> int:
 def _one_line(error: Exception) -> str:
     text = " ".join(str(error).split())
     return text or type(error).__name__
+
+
+def _attach_list_values(argv: list) -> list:
+    """`--alphas -1,0,1` -> `--alphas=-1,0,1`: argparse would take a value starting with '-' for an option."""
+    out = []
+    for token in argv:
+        if out and out[-1] in LIST_OPTIONS and token[:1] == "-" and token[1:2] in set("0123456789."):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 if __name__ == "__main__":

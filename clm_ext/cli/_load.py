@@ -1,4 +1,5 @@
-"""Loading what the `clm generate` / `clm merge` commands share: a local model, its tokenizer, a layer."""
+"""Loading what the `clm generate` / `clm merge` / `clm train` commands share: a model (by name, directory or GGUF
+file), its tokenizer, a layer."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_model_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="a local Hugging Face causal LM directory (or hub id)")
+    parser.add_argument("--model", required=True, help="smollm2-135m-instruct, gemma3-270m, a local checkpoint "
+                        "directory or a .gguf file (converted once into a cached checkpoint)")
     parser.add_argument("--alignment", help="a directory written by clm_ext.save_alignment / clm train")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -22,11 +24,22 @@ def load_model(args, mode=None):
     from ._checks import check_model_dir
 
     check_model_dir(args.command, args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
+    model_dir = resolve_model_argument(args.model)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(args.device).eval()
     if args.alignment:
         clm_ext.load_alignment(model, args.alignment, mode=mode)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def resolve_model_argument(model: str) -> str:
+    """`--model` as a local checkpoint directory (clm_ext.sources.resolve_model); a bad one is a one-line exit."""
+    from clm_ext.sources import ModelSourceError, resolve_model
+
+    try:
+        return resolve_model(model)
+    except ModelSourceError as e:
+        raise SystemExit(f"clm: {e}") from None

@@ -31,28 +31,76 @@ def _learning_rates(items: list) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true", help="smoke-test size (under a minute on an idle CPU core; the test budget is 3 minutes)")
+    parser.add_argument("--toy", action="store_true", help="the tiny model built here instead of a real one (a one-minute "
+                        "look with --quick; what the tests run)")
+    parser.add_argument("--quick", action="store_true", help="smoke-test size: same stages, a fraction of the work")
     parser.add_argument("--out", default="clm-demo-out", help="a new or empty output directory (default: ./clm-demo-out)")
     add_force_argument(parser)
-    parser.add_argument("--model", help="a local checkpoint directory to align instead of the demo's tiny model "
-                        "(needs --dataset)")
-    parser.add_argument("--dataset", help="a preference set (.jsonl or datasets directory) for --model")
+    parser.add_argument("--model", help="the model to align: smollm2-135m-instruct (default), gemma3-270m, a local "
+                        "checkpoint directory or a .gguf file")
+    parser.add_argument("--dataset", help="train on this preference set (.jsonl or datasets directory) instead of "
+                        "the on-policy VADER pairs")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--alphas", help="comma-separated alphas to sweep")
-    parser.add_argument("--variants", help="comma-separated CLM variants layer/mode "
-                        "(default linear/embed,linear/logits,block/logits)")
-    parser.add_argument("--baselines", help="comma-separated DPO baselines among full,lora (default both; "
-                        "'none' for none)")
-    parser.add_argument("--model-size", choices=["tiny", "small"], help="size of the demo's model (default tiny)")
+    parser.add_argument("--alphas", help="comma-separated alphas to sweep, e.g. --alphas -1,0,1,2")
+    parser.add_argument("--variants", help="comma-separated CLM variants layer/mode among linear/embed, linear/logits, "
+                        "block/embed, block/logits (default: linear/embed; toy: linear/embed,linear/logits,block/logits)")
+    parser.add_argument("--baselines", help="comma-separated DPO baselines among full,lora, or 'none' (default: none; "
+                        "toy: full,lora)")
+    parser.add_argument("--model-size", choices=["tiny", "small"], help="size of the toy model (default tiny)")
     parser.add_argument("--dpo-steps", type=int, help="DPO optimizer steps per method")
+    parser.add_argument("--dpo-batch", type=int, help="preference pairs per DPO step")
     parser.add_argument("--beta", type=positive_float, help="DPO beta (all methods)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="learning rate of one method: clm/linear, clm/block, full or lora (repeatable)")
     parser.add_argument("--pair-prompts", type=int, help="prompts sampled for preference pairs")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the demo's tiny model, whose "
-                        "small matrices gain nothing from more and which then cannot stall on a busy machine; "
-                        "torch's choice with --model)")
+    parser.add_argument("--pair-samples", type=int, help="samples per pair prompt; the most and least positive pair up")
+    parser.add_argument("--min-margin", type=float, help="smallest VADER difference that makes a pair")
+    parser.add_argument("--eval-prompts", type=int, help="held-out prompts of the sweep")
+    parser.add_argument("--eval-samples", type=int, help="samples per held-out prompt and alpha")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens per sample")
+    parser.add_argument("--temperature", type=float, help="sampling temperature")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the toy model, whose small "
+                        "matrices gain nothing from more and which then cannot stall on a busy machine; torch's "
+                        "choice for a real model)")
+
+
+POSITIVE_INTS = ("dpo_steps", "dpo_batch", "pair_prompts", "pair_samples", "eval_prompts", "eval_samples",
+                 "max_new_tokens")
+
+
+def _overrides(args) -> dict:
+    """DemoConfig fields given on the command line, checked."""
+    out = {}
+    for name in POSITIVE_INTS:
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            out[name] = value
+    for name in ("beta", "temperature"):
+        value = getattr(args, name)
+        if value is not None:
+            if value <= 0:
+                raise ValueError(f"--{name} must be > 0, got {value}")
+            out[name] = value
+    if args.min_margin is not None:
+        if args.min_margin < 0:
+            raise ValueError(f"--min-margin must be >= 0, got {args.min_margin}")
+        out["min_margin"] = args.min_margin
+    if args.seed is not None:
+        out["seed"] = args.seed
+    if args.model_size is not None:
+        if not args.toy:
+            raise ValueError("--model-size picks the toy model's size: use it with --toy")
+        out["model_size"] = args.model_size
+    if args.alphas:
+        out["alphas"] = _floats(args.alphas)
+    if args.variants:
+        out["variants"] = tuple(args.variants.split(","))
+    if args.baselines:
+        out["baselines"] = () if args.baselines == "none" else tuple(args.baselines.split(","))
+    return out
 
 
 def run(args) -> int:
@@ -61,34 +109,23 @@ def run(args) -> int:
     from clm_ext.demo.pipeline import DemoConfig, run as run_demo
 
     check_out("demo", args.out, args.force)
-    threads = args.threads if args.threads is not None else (None if args.model else 1)
+    threads = args.threads if args.threads is not None else (1 if args.toy else None)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    overrides = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    if args.dpo_steps is not None:
-        if args.dpo_steps < 1:
-            raise ValueError(f"--dpo-steps must be >= 1, got {args.dpo_steps}")
-        overrides["dpo_steps"] = args.dpo_steps
-    if args.beta is not None:
-        overrides["beta"] = args.beta
-    if args.model_size is not None:
-        overrides["model_size"] = args.model_size
-    if args.pair_prompts is not None:
-        overrides["pair_prompts"] = args.pair_prompts
+    overrides = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"), **_overrides(args)}
+    if args.toy:
+        defaults = DemoConfig.quick() if args.quick else DemoConfig()
+    else:
+        defaults = DemoConfig.real(quick=args.quick)
     if args.lr:
-        overrides["lr"] = {**DemoConfig().lr, **_learning_rates(args.lr)}
-    if args.alphas:
-        overrides["alphas"] = _floats(args.alphas)
-    if args.variants:
-        overrides["variants"] = tuple(args.variants.split(","))
-    if args.baselines:
-        overrides["baselines"] = () if args.baselines == "none" else tuple(args.baselines.split(","))
-    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-    results = run_demo(cfg, args.out, model_dir=args.model, dataset_path=args.dataset)
+        overrides["lr"] = {**defaults.lr, **_learning_rates(args.lr)}
+    if args.toy:
+        cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    else:
+        cfg = DemoConfig.real(quick=args.quick, **overrides)
+    results = run_demo(cfg, args.out, model=args.model, dataset_path=args.dataset, toy=args.toy)
     out = os.path.abspath(args.out)
     print(open(os.path.join(out, "results.md")).read())
     print(f"wrote {out}/results.json, results.md, reward_vs_alpha.png in {results['total_seconds']:.0f} s")

@@ -19,6 +19,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=positive_float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=int, help="total width in characters (default: the terminal's)")
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="complete the raw prompt text (default: a user turn in the tokenizer's chat template, "
+                        "when it has one)")
 
 
 def side_by_side(titles, texts, width: int) -> str:
@@ -44,7 +47,8 @@ def run(args) -> int:
     if not args.alignment:
         clm_ext.add_alignment_control(model, mode=args.mode or "embed")  # identity: every alpha is the base
     torch.manual_seed(args.seed)
-    prompts = [p for p in args.prompt for _ in args.alpha]
+    rendered = [clm_ext.chat_prompt(tokenizer, p, chat=not args.no_chat_template) for p in args.prompt]
+    prompts = [p for p in rendered for _ in args.alpha]
     alphas = [a for _ in args.prompt for a in args.alpha]
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
     if args.sample:

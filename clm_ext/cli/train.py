@@ -17,7 +17,8 @@ SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracie
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="model directory (save_pretrained) with its tokenizer")
+    parser.add_argument("--model", required=True, help="smollm2-135m-instruct, gemma3-270m, a model directory "
+                        "(save_pretrained) with its tokenizer, or a .gguf file")
     parser.add_argument("--dataset", required=True, help="preference JSONL file or datasets save_to_disk directory")
     parser.add_argument("--eval-dataset", help="optional held-out preferences, same formats")
     parser.add_argument("--out", required=True, help="output directory: new, empty, or a previous result (with --force)")
@@ -29,7 +30,8 @@ def add_arguments(parser):
     parser.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="TRL loss type(s), e.g. sigmoid ipo")
     parser.add_argument("--loss-weights", nargs="+", type=finite_float, help="one weight per --loss-type")
     parser.add_argument("--max-length", type=int, default=512, help="truncate prompt+completion (default 512)")
-    parser.add_argument("--epochs", type=positive_float, default=1.0, help="training epochs (default 1)")
+    parser.add_argument("--epochs", type=positive_float, default=3.0,
+                        help="training epochs (default 3: one pass over a few hundred pairs is too few steps for the layer)")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     parser.add_argument("--lr", type=positive_float, help=f"learning rate (default per method: {DEFAULT_LR})")
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch of preference pairs")
@@ -48,6 +50,9 @@ def add_arguments(parser):
                         help="alignment layer kind for --method clm (default linear, see add_alignment_control)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (method lora)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="train on plain-text rows as they are (default: when the tokenizer has a chat template, "
+                        "a plain prompt becomes a user turn and each completion the assistant's reply)")
 
 
 def run(args) -> int:
@@ -72,8 +77,14 @@ def run(args) -> int:
     except (PreferenceDataError, FileNotFoundError) as e:
         raise SystemExit(f"clm train: {e}") from None
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
+    from ._load import resolve_model_argument
+
+    model_dir = resolve_model_argument(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not args.no_chat_template and getattr(tokenizer, "chat_template", None):
+        train_dataset = as_conversations(train_dataset)
+        eval_dataset = as_conversations(eval_dataset) if eval_dataset is not None else None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     if args.method == "clm":
         clm_ext.add_alignment_control(model, layer=args.layer)
     config = DPOConfig(
@@ -120,6 +131,16 @@ def run(args) -> int:
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in SUMMARY_KEYS if k in last)
         print(f"clm train: {args.method} done after {trainer.state.global_step} steps; {summary}; wrote {args.out}")
     return 0
+
+
+def as_conversations(dataset):
+    """Plain-text preference rows as one user turn and the assistant's replies (TRL then applies the chat
+    template, as the model saw in its instruction tuning); conversational rows are left as they are."""
+    if not isinstance(dataset[0]["prompt"], str):
+        return dataset
+    return dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}],
+                                    "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+                                    "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]})
 
 
 def _check_out(args) -> None:

@@ -45,6 +45,8 @@ def dpo_config(output_dir: str, steps: int, batch_size: int, lr: float, beta: fl
         data_seed=seed, max_length=max_length, use_cpu=device == "cpu", bf16=False,
         activation_checkpointing=False, logging_steps=max(1, steps // 10), save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        # the reference log-probs are scored once per pair, not at every visit of a pair (several epochs)
+        precompute_ref_log_probs=True,
     )
 
 

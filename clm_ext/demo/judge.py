@@ -1,7 +1,9 @@
-"""The demo's reward judge: VADER's compound sentiment score, in [-1, 1] (1 = most positive).
+"""The demo's judges: VADER's compound sentiment score (the reward the preference pairs come from) and
+TextBlob's polarity (a held-out judge the training never sees), both in [-1, 1] (1 = most positive).
 
-VADER is a fixed lexicon and rule set, independent of the model being trained, so the reward cannot be
-gamed by the model's own representation; the training sees it only through the preference pairs.
+Both are fixed lexicons and rules, independent of the model being trained. VADER is the training signal, so
+a gain that only games VADER's lexicon would show as a gap between the two judges. TextBlob's `.sentiment`
+uses the lexicon bundled in its package (no corpus download).
 """
 import math
 from functools import lru_cache
@@ -23,6 +25,19 @@ def reward(text: str) -> float:
 
 def rewards(texts: list) -> list:
     return [reward(t) for t in texts]
+
+
+def heldout_reward(text: str) -> float:
+    """TextBlob polarity of `text` (pattern lexicon)."""
+    from textblob import TextBlob
+
+    if not isinstance(text, str):
+        raise TypeError(f"heldout_reward: text must be a str, got {type(text).__name__}")
+    return TextBlob(text).sentiment.polarity
+
+
+def heldout_rewards(texts: list) -> list:
+    return [heldout_reward(t) for t in texts]
 
 
 def mean_and_stderr(values: list) -> tuple:

@@ -1,8 +1,11 @@
-"""The demo end to end: corpus -> tokenizer -> tiny LM -> VADER-judged pairs -> DPO (CLM layer and
-baselines) -> alpha sweep -> report. Each stage has its own progress bar and its wall time in the results.
+"""The demo end to end. Each stage has its own progress bar (with its ETA) and its wall time in the results.
 
-With `model_dir` and `dataset` the first stages are skipped: a local checkpoint and preference set are used
-as they are (nothing is downloaded), and prompts held out of the preference set are swept.
+- Real model (default, `clm demo [--model NAME|DIR|FILE.gguf]`): neutral review/description requests in the
+  model's chat template -> on-policy pairs from the base model's own samples judged by VADER -> DPO of the
+  CLM layer (and, on request, full fine-tuning / LoRA baselines) -> an alpha sweep on held-out requests,
+  judged by VADER and by TextBlob, with the base model's perplexity and repetition measures -> report.
+  `--dataset` trains on a given preference set instead of the on-policy pairs.
+- Toy (`clm demo --toy`): corpus -> tokenizer -> tiny LM pretrained here -> the same pairs, DPO and sweep.
 """
 import copy
 import os
@@ -16,13 +19,14 @@ from tqdm.auto import tqdm
 
 import clm_ext
 
-from . import corpus, dpo, lm, pairs, report, sampling, sweep
+from . import corpus, dpo, lm, pairs, report, requests, sampling, sweep
 from .judge import reward
 from .tokenizer import train_tokenizer
 
 ALPHAS = (-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 VARIANTS = ("linear/embed", "linear/logits", "block/logits")
 BASELINES = ("full", "lora")
+REAL_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 @dataclass
@@ -48,6 +52,9 @@ class DemoConfig:
     variants: tuple = VARIANTS     # "layer/mode": the CLM variants swept
     baselines: tuple = BASELINES   # DPO methods compared with the CLM layer
     device: str = "cpu"
+    temperature: float = 1.0       # sampling temperature (pairs and sweep)
+    sample_batch: int = 512        # rows per generate call
+    max_length: int = 256          # DPO: prompt + completion tokens
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -55,6 +62,19 @@ class DemoConfig:
         small = dict(corpus_size=4000, pretrain_steps=300, pair_prompts=64, eval_prompts=16, eval_samples=2,
                      max_new_tokens=24, dpo_steps=20, dpo_batch=8)
         return cls(**{**small, **overrides})
+
+    @classmethod
+    def real(cls, quick: bool = False, **overrides) -> "DemoConfig":
+        """The real-model demo's sizes, planned to finish in 20 minutes on two CPU cores (README: the arithmetic)."""
+        sizes = dict(pair_prompts=128, pair_samples=4, min_margin=0.4, eval_prompts=24, eval_samples=4,
+                     max_new_tokens=40, dpo_steps=32, dpo_batch=8, beta=0.1,
+                     lr={"clm/linear": 5e-4, "clm/block": 1e-4, "full": 1e-5, "lora": 5e-4},
+                     alphas=REAL_ALPHAS, variants=("linear/embed",), baselines=(), temperature=0.8,
+                     sample_batch=128, max_length=160)
+        if quick:
+            sizes.update(pair_prompts=16, eval_prompts=4, eval_samples=2, max_new_tokens=16, dpo_steps=2,
+                         dpo_batch=4)
+        return cls(**{**sizes, **overrides})
 
 
 def parse_variant(name: str) -> tuple:
@@ -98,46 +118,48 @@ def _build_world(cfg: DemoConfig, stage: _Stages):
 def _make_pairs(cfg, base, tokenizer, prompts, stage):
     with stage("preference pairs", len(prompts) * cfg.pair_samples) as bar:
         drawn = sampling.sample(base, tokenizer, prompts, cfg.pair_samples, cfg.seed, cfg.max_new_tokens,
-                                progress=bar)
+                                batch_size=cfg.sample_batch, progress=bar, temperature=cfg.temperature)
         rows = pairs.make_pairs(drawn.prompts, drawn.completions, cfg.min_margin)
     if not rows:
-        raise RuntimeError("no preference pair passed min_margin: lower min_margin or raise pair_samples")
+        raise RuntimeError("no preference pair passed min_margin: lower --min-margin or raise --pair-samples")
     return rows
 
 
-def _load_local(cfg, model_dir: str, dataset_path: str):
-    """A local checkpoint and preference set; held-out prompts are the last `eval_prompts` distinct ones."""
-    from datasets import Dataset
+def _load_real(cfg, model: str):
+    """The base model (resolved to a local checkpoint: a name, a directory or a .gguf file) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clm_ext.preferences import load_preferences
+    from clm_ext.sources import resolve_model
 
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"--model: {model_dir} is not a directory holding a saved checkpoint")
+    model_dir = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(cfg.device).eval()
-    data = load_preferences(dataset_path)
-    as_text = [_prompt_text(tokenizer, p) for p in data["prompt"]]
-    distinct = list(dict.fromkeys(as_text))
-    if len(distinct) <= cfg.eval_prompts:
-        raise ValueError(f"--dataset: {len(distinct)} distinct prompts, need more than eval_prompts={cfg.eval_prompts}")
-    held_out = set(distinct[-cfg.eval_prompts:])
-    train_rows = [row for row, text in zip(data, as_text) if text not in held_out]
-    return tokenizer, base, Dataset.from_list(train_rows), distinct[-cfg.eval_prompts:]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    return tokenizer, base.to(cfg.device).eval()
 
 
-def _prompt_text(tokenizer, prompt) -> str:
-    """A conversational prompt is rendered with the chat template, as TRL does for training."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+def _real_prompts(cfg, tokenizer) -> tuple:
+    """Training and evaluation requests (disjoint subjects), rendered with the chat template when the tokenizer
+    has one; returns (training prompts, evaluation prompts, rendered prompt -> request text)."""
+    train = requests.make_requests(cfg.pair_prompts, "train", cfg.seed)
+    held_out = requests.make_requests(cfg.eval_prompts, "eval", cfg.seed)
+    request_of = {clm_ext.chat_prompt(tokenizer, r): r for r in train + held_out}
+    by_request = {r: p for p, r in request_of.items()}
+    return [by_request[r] for r in train], [by_request[r] for r in held_out], request_of
+
+
+def _conversational(rows: list, request_of: dict) -> list:
+    """Pairs in TRL's conversational form (TRL then applies the same chat template to them)."""
+    return [{"prompt": [{"role": "user", "content": request_of[row["prompt"]]}],
+             "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+             "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]} for row in rows]
 
 
 def _train(cfg, method, lr, model, tokenizer, dataset, stage, name):
     with stage(f"DPO {name}", cfg.dpo_steps) as bar, tempfile.TemporaryDirectory(prefix="clm-demo-") as tmp:
-        args = dpo.dpo_config(tmp, cfg.dpo_steps, cfg.dpo_batch, lr, cfg.beta, cfg.seed, cfg.device, max_length=256)
+        args = dpo.dpo_config(tmp, cfg.dpo_steps, cfg.dpo_batch, lr, cfg.beta, cfg.seed, cfg.device,
+                              max_length=cfg.max_length)
         torch.manual_seed(cfg.seed)  # LoRA's adapter initialisation
         return dpo.train(method, model, tokenizer, dataset, args, progress=bar)
 
@@ -146,11 +168,12 @@ def _train_info(result: dpo.DPOResult) -> dict:
     return {f.name: getattr(result, f.name) for f in fields(result) if f.name != "model"}
 
 
-def _evaluate(cfg, model, tokenizer, prompts, base, stage, name, alphas=None):
+def _evaluate(cfg, model, tokenizer, prompts, base, stage, name, alphas=None, request_of=None):
     rows = len(prompts) * cfg.eval_samples * (len(alphas) if alphas else 1)
     with stage(f"sample {name}", rows) as bar:
         drawn = sampling.sample(model, tokenizer, prompts, cfg.eval_samples, cfg.seed + 2, cfg.max_new_tokens,
-                                alphas=list(alphas) if alphas else None, progress=bar)
+                                alphas=list(alphas) if alphas else None, batch_size=cfg.sample_batch,
+                                progress=bar, temperature=cfg.temperature)
     with stage(f"score {name}", 1) as bar:
         if alphas:
             scored = {"sweep": [{"alpha": a, **s} for a, s in zip(alphas, sweep.score_sweep(drawn, list(alphas), base, tokenizer))]}
@@ -158,7 +181,9 @@ def _evaluate(cfg, model, tokenizer, prompts, base, stage, name, alphas=None):
             scored = sweep.score(drawn.completions, drawn.prompts, base, tokenizer)
         bar.update(1)
     scored["tokens_per_s"] = drawn.new_tokens / drawn.seconds
-    scored["examples"] = _examples(drawn, alphas)
+    scored["examples"] = [{**ex, "prompt": (request_of or {}).get(ex["prompt"], ex["prompt"])}
+                          for ex in _examples(drawn, alphas)]
+    scored["completions"] = drawn.completions
     return scored
 
 
@@ -175,54 +200,106 @@ def _examples(drawn, alphas) -> list:
              "completion": drawn.completions[k * per_alpha + pick]} for k, a in enumerate(alphas)]
 
 
-def run(cfg: DemoConfig, out_dir: str, model_dir: str = None, dataset_path: str = None) -> dict:
-    """Run every stage and write results.json, results.md and the plot to `out_dir`; returns the results."""
-    if (model_dir is None) != (dataset_path is None):
-        raise ValueError("--model and --dataset go together: give both (a real checkpoint) or neither (the demo)")
+def run(cfg: DemoConfig, out_dir: str, model: str = None, dataset_path: str = None, toy: bool = False) -> dict:
+    """Run every stage and write results.json, results.md and the plot to `out_dir`; returns the results.
+
+    toy: the tiny model built here. Otherwise `model` (a packaged name, a checkpoint directory or a .gguf file;
+    default smollm2-135m-instruct) is aligned on on-policy pairs, or on `dataset_path` when given."""
+    from clm_ext.sources import DEFAULT_MODEL
+
+    if toy and (model is not None or dataset_path is not None):
+        raise ValueError("--toy builds its own model and pairs: drop --model / --dataset, or drop --toy")
     variants = [parse_variant(v) for v in cfg.variants]
     unknown = [b for b in cfg.baselines if b not in ("full", "lora")]
     if unknown:
-        raise ValueError(f"baselines: unknown method(s) {unknown}; choose from full, lora")
+        raise ValueError(f"--baselines: unknown method(s) {unknown}; choose from full, lora (or none)")
     import datasets
 
+    import transformers
+
     datasets.disable_progress_bars()  # one bar per stage: TRL's dataset preparation would add its own
+    transformers.utils.logging.disable_progress_bar()  # and transformers' weight loading
     os.makedirs(out_dir, exist_ok=True)
     stage = _Stages()
-    results = {"config": {**asdict(cfg), "model": model_dir, "dataset": dataset_path}}
-    if model_dir is None:
+    model = None if toy else (model or DEFAULT_MODEL)
+    results = {"model": model or "toy", "config": {**asdict(cfg), "model": model, "dataset": dataset_path}}
+    request_of = None
+    if toy:
         tokenizer, base, pair_prompts, eval_prompts, info = _build_world(cfg, stage)
         # Saved so that `--model DIR/base-model --dataset DIR/pairs.jsonl` and `clm generate` can reuse them.
         base.save_pretrained(os.path.join(out_dir, "base-model"))
         tokenizer.save_pretrained(os.path.join(out_dir, "base-model"))
         rows = _make_pairs(cfg, base, tokenizer, pair_prompts, stage)
-        pairs.write_jsonl(rows, os.path.join(out_dir, "pairs.jsonl"))
-        dataset = datasets.Dataset.from_list(rows)
         results.update(info)
     else:
-        tokenizer, base, dataset, eval_prompts = _load_local(cfg, model_dir, dataset_path)
+        with stage("load model", 1) as bar:
+            tokenizer, base = _load_real(cfg, model)
+            bar.update(1)
+        pair_prompts, eval_prompts, request_of = _real_prompts(cfg, tokenizer)
+        if dataset_path is None:
+            rows = _make_pairs(cfg, base, tokenizer, pair_prompts, stage)
+            if getattr(tokenizer, "chat_template", None):
+                rows = _conversational(rows, request_of)
+    if dataset_path is None:
+        pairs.write_jsonl(rows, os.path.join(out_dir, "pairs.jsonl"))
+        dataset = datasets.Dataset.from_list(rows)
+    else:
+        from clm_ext.preferences import load_preferences
+
+        dataset = load_preferences(dataset_path)
     results["pairs"] = len(dataset)
     results["alphas"] = list(cfg.alphas)
 
-    results["base"] = _evaluate(cfg, base, tokenizer, eval_prompts, base, stage, "base")
-    results["variants"] = _run_variants(cfg, variants, base, tokenizer, dataset, eval_prompts, out_dir, stage)
+    results["base"] = _evaluate(cfg, base, tokenizer, eval_prompts, base, stage, "base", request_of=request_of)
+    results["variants"] = _run_variants(cfg, variants, base, tokenizer, dataset, eval_prompts, out_dir, stage,
+                                        request_of)
     results["baselines"] = {}
+    _write(results, cfg, stage, out_dir)  # the layer's results stand alone while the baselines train
     for method in cfg.baselines:
         trained = _train(cfg, method, cfg.lr[method], copy.deepcopy(base), tokenizer, dataset, stage, method)
+        if not toy:  # the baseline's weights, for `clm generate --model OUT/full-dpo`
+            trained.model.save_pretrained(os.path.join(out_dir, f"{method}-dpo"))
+            tokenizer.save_pretrained(os.path.join(out_dir, f"{method}-dpo"))
         results["baselines"][method] = {"train": _train_info(trained),
-                                        **_evaluate(cfg, trained.model, tokenizer, eval_prompts, base, stage, method)}
-    primary = results["variants"][cfg.variants[0]]["sweep"]
-    results["reward"] = [row["reward"] for row in primary]
-    results["reward_stderr"] = [row["reward_stderr"] for row in primary]
+                                        **_evaluate(cfg, trained.model, tokenizer, eval_prompts, base, stage, method,
+                                                    request_of=request_of)}
+        del trained
+        _write(results, cfg, stage, out_dir)
+    return results
+
+
+def _write(results: dict, cfg: DemoConfig, stage, out_dir: str) -> None:
+    """Fill in the summary keys and write results.json, results.md and the plot (samples themselves are not kept)."""
+    primary = results["variants"][cfg.variants[0]]
+    results["reward"] = [row["reward"] for row in primary["sweep"]]
+    results["reward_stderr"] = [row["reward_stderr"] for row in primary["sweep"]]
+    results["heldout_reward"] = [row["heldout_reward"] for row in primary["sweep"]]
+    results["heldout_reward_stderr"] = [row["heldout_reward_stderr"] for row in primary["sweep"]]
+    if "alpha0_identical_to_base" not in results:
+        results["alpha0_identical_to_base"] = _alpha0_identical(results, cfg)
+    for row in [results["base"], *results["variants"].values(), *results["baselines"].values()]:
+        row.pop("completions", None)
     results["checks"] = report.checks(results)
-    results["timings"] = stage.timings
+    results["timings"] = dict(stage.timings)
     results["total_seconds"] = sum(stage.timings.values())
     report.write_json(results, out_dir)
     report.write_markdown(results, out_dir)
     report.plot(results, out_dir)
-    return results
 
 
-def _run_variants(cfg, variants, base, tokenizer, dataset, eval_prompts, out_dir, stage) -> dict:
+def _alpha0_identical(results: dict, cfg: DemoConfig):
+    """Share of the primary variant's alpha-0 samples that are character for character the base model's (same
+    random numbers): the layer at alpha 0 must be the base model."""
+    if 0.0 not in cfg.alphas:
+        return None
+    base = results["base"]["completions"]
+    sweep = results["variants"][cfg.variants[0]]["completions"]
+    k = list(cfg.alphas).index(0.0)
+    at_zero = sweep[k * len(base):(k + 1) * len(base)]
+    return sum(a == b for a, b in zip(base, at_zero)) / len(base)
+
+
+def _run_variants(cfg, variants, base, tokenizer, dataset, eval_prompts, out_dir, stage, request_of) -> dict:
     """Train one CLM layer per layer kind, then sweep alpha for each of its variants (merge modes)."""
     results = {}
     for layer in dict.fromkeys(layer for layer, _ in variants):
@@ -239,5 +316,5 @@ def _run_variants(cfg, variants, base, tokenizer, dataset, eval_prompts, out_dir
             # the logits variant serves the same trained layer (its training cost is the embed run's).
             results[name] = {"train": _train_info(trained), "layer_dir": layer_dir,
                              **_evaluate(cfg, served, tokenizer, eval_prompts, base, stage, f"CLM {name}",
-                                         alphas=cfg.alphas)}
+                                         alphas=cfg.alphas, request_of=request_of)}
     return {name: results[name] for name in cfg.variants}

@@ -26,30 +26,38 @@ class Samples:
 
 
 class CommonNoiseSampler(LogitsProcessor):
-    """Turns greedy decoding into sampling: adds Gumbel noise indexed by each row's noise id and the step."""
+    """Turns greedy decoding into sampling at `temperature`: adds Gumbel noise drawn from a generator seeded by
+    (seed, the row's noise id, the step), so a row's noise never depends on its batch."""
 
-    def __init__(self, noise_ids: torch.Tensor, n_noise: int, prompt_width: int, seed: int):
-        self.noise_ids = noise_ids
-        self.n_noise = n_noise
+    def __init__(self, noise_ids: torch.Tensor, prompt_width: int, seed: int, temperature: float = 1.0):
+        self.noise_ids = noise_ids.tolist()
         self.prompt_width = prompt_width
         self.seed = seed
+        self.temperature = temperature
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_width
-        gen = torch.Generator(device=scores.device).manual_seed(self.seed * 1_000_003 + step)
-        u = torch.rand((self.n_noise, scores.shape[-1]), generator=gen, device=scores.device)
+        unique = sorted(set(self.noise_ids))
+        u = torch.empty((len(unique), scores.shape[-1]))
+        for k, noise_id in enumerate(unique):
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + noise_id) * 4_099 + step)
+            torch.rand(scores.shape[-1], generator=gen, out=u[k])
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-        return torch.log_softmax(scores.float(), dim=-1) + gumbel[self.noise_ids.to(scores.device)]
+        where = {noise_id: k for k, noise_id in enumerate(unique)}
+        rows = torch.tensor([where[i] for i in self.noise_ids])
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return logp + gumbel[rows].to(scores.device)
 
 
 def sample(model, tokenizer, prompts: list, samples: int, seed: int, max_new_tokens: int,
-           alphas: list = None, batch_size: int = 512, progress=None) -> Samples:
+           alphas: list = None, batch_size: int = 512, progress=None, temperature: float = 1.0) -> Samples:
     """`samples` completions of every prompt (at every alpha in `alphas` when given), in chunks of rows."""
     if samples < 1:
         raise ValueError(f"sample: samples must be >= 1, got {samples}")
+    if temperature <= 0:
+        raise ValueError(f"sample: temperature must be > 0, got {temperature}")
     rows = [(a, i, j) for a in (alphas if alphas is not None else [None])
             for i in range(len(prompts)) for j in range(samples)]
-    n_noise = len(prompts) * samples
     out = Samples([], [], [] if alphas is not None else None, 0, 0.0)
     model.eval()
     for start in range(0, len(rows), batch_size):
@@ -58,10 +66,10 @@ def sample(model, tokenizer, prompts: list, samples: int, seed: int, max_new_tok
         noise_ids = torch.tensor([i * samples + j for _, i, j in chunk])
         begin = time.perf_counter()
         if alphas is None:
-            new = _generate(model, tokenizer, chunk_prompts, noise_ids, n_noise, seed, max_new_tokens)
+            new = _generate(model, tokenizer, chunk_prompts, noise_ids, seed, max_new_tokens, temperature)
         else:
             with clm_ext.alignment_strength(model, [a for a, _, _ in chunk]):
-                new = _generate(model, tokenizer, chunk_prompts, noise_ids, n_noise, seed, max_new_tokens)
+                new = _generate(model, tokenizer, chunk_prompts, noise_ids, seed, max_new_tokens, temperature)
         out.seconds += time.perf_counter() - begin
         out.new_tokens += int((new != tokenizer.pad_token_id).sum())
         out.prompts += chunk_prompts
@@ -73,11 +81,14 @@ def sample(model, tokenizer, prompts: list, samples: int, seed: int, max_new_tok
     return out
 
 
-def _generate(model, tokenizer, prompts, noise_ids, n_noise, seed, max_new_tokens) -> torch.Tensor:
+def _generate(model, tokenizer, prompts, noise_ids, seed, max_new_tokens, temperature) -> torch.Tensor:
     """The new token ids of a left-padded batch (rows that finished are padded with pad)."""
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    bos = tokenizer.bos_token
+    rendered = bool(bos) and all(p.startswith(bos) for p in prompts)  # chat template already added it
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                      add_special_tokens=not rendered).to(model.device)
     width = batch["input_ids"].shape[1]
-    sampler = CommonNoiseSampler(noise_ids, n_noise, width, seed)
+    sampler = CommonNoiseSampler(noise_ids, width, seed, temperature)
     with torch.no_grad():
         ids = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                              logits_processor=LogitsProcessorList([sampler]),

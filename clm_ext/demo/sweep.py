@@ -5,10 +5,13 @@ completions (text the base model finds unlikely has drifted off the corpus) and 
 unique n-grams; degenerate repetition lowers it).
 """
 import math
+import os
+import re
+from functools import lru_cache
 
 import torch
 
-from .judge import mean_and_stderr, rewards
+from .judge import heldout_rewards, mean_and_stderr, rewards
 
 
 def distinct_n(texts: list, n: int) -> float:
@@ -19,16 +22,60 @@ def distinct_n(texts: list, n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def perplexity(model, tokenizer, prompts: list, completions: list, batch_size: int = 256) -> float:
-    """exp(mean NLL per completion token, EOS included) under `model`, given each completion's prompt."""
+def repeated_ngram_share(texts: list, n: int = 4) -> float:
+    """Share of `texts` in which some word n-gram occurs more than once (degenerate repetition); words are
+    compared lower-cased and without punctuation."""
+    def repeats(words):
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        return len(set(grams)) < len(grams)
+
+    return sum(repeats(re.findall(r"[a-z0-9']+", t.lower())) for t in texts) / len(texts) if texts else 0.0
+
+
+@lru_cache(maxsize=1)
+def _known_words() -> frozenset:
+    """English word forms: TextBlob's bundled tagger lexicon (~94k) and spelling list (~29k), lower-cased."""
+    import textblob
+
+    folder = os.path.join(os.path.dirname(textblob.__file__), "en")
+    words = set()
+    for name in ("en-lexicon.txt", "en-spelling.txt"):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            words.update(line.split()[0].lower() for line in f if line.strip() and not line.startswith(";;;"))
+    return frozenset(words)
+
+
+def unknown_word_share(texts: list) -> float:
+    """Share of alphabetic words found in no English word list: invented words such as "Kalerenbeiderfleufe"
+    (names and rare words count too, so compare against the base model's share, not against 0)."""
+    words = [w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)]
+    known = _known_words()
+    return sum(w not in known for w in words) / len(words) if words else 0.0
+
+
+def mean_words(texts: list) -> float:
+    return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
+
+
+def prompt_ids(tokenizer, prompt: str) -> list:
+    """Token ids of a prompt; a prompt already rendered by a chat template gets no second BOS."""
+    bos = tokenizer.bos_token
+    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+
+
+def perplexity(model, tokenizer, prompts: list, completions: list, batch_size: int = None) -> float:
+    """exp(mean NLL per completion token, EOS included) under `model`, given each completion's prompt.
+
+    The default batch keeps the float32 logits near 1 GiB at 160 tokens a row (a real vocabulary is large)."""
     if len(prompts) != len(completions):
         raise ValueError(f"perplexity: {len(prompts)} prompts but {len(completions)} completions")
+    batch_size = batch_size or max(1, min(256, 2**28 // (160 * len(tokenizer))))
     total_nll, total_tokens = 0.0, 0
     pad = tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
         rows, labels = [], []
         for prompt, completion in zip(prompts[start:start + batch_size], completions[start:start + batch_size]):
-            p = tokenizer(prompt)["input_ids"]
+            p = prompt_ids(tokenizer, prompt)
             c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append(p + c)
             labels.append([-100] * len(p) + c)
@@ -46,14 +93,22 @@ def perplexity(model, tokenizer, prompts: list, completions: list, batch_size: i
 
 
 def score(completions: list, prompts: list, base_model, tokenizer) -> dict:
-    """Reward mean and standard error, base-model perplexity and distinct-1/2 of one set of completions."""
+    """Of one set of completions: reward mean and standard error under VADER (the training judge) and TextBlob
+    (the held-out judge), base-model perplexity, distinct-1/2, the share of samples with a repeated word 4-gram
+    and the mean length in words."""
     mean, stderr = mean_and_stderr(rewards(completions))
+    heldout, heldout_stderr = mean_and_stderr(heldout_rewards(completions))
     return {
         "reward": mean,
         "reward_stderr": stderr,
+        "heldout_reward": heldout,
+        "heldout_reward_stderr": heldout_stderr,
         "perplexity": perplexity(base_model, tokenizer, prompts, completions),
         "distinct_1": distinct_n(completions, 1),
         "distinct_2": distinct_n(completions, 2),
+        "repeated_4gram": repeated_ngram_share(completions, 4),
+        "unknown_words": unknown_word_share(completions),
+        "mean_words": mean_words(completions),
         "n": len(completions),
     }
 
