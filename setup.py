@@ -74,5 +74,9 @@ setup(
         "demo": ["vaderSentiment", "matplotlib"],
         "test": ["pytest", "peft", "vaderSentiment", "matplotlib"],
     },
-    entry_points={"console_scripts": ["clm=clm_ext.cli:main"]},
+    entry_points={
+        "console_scripts": ["clm=clm_ext.cli:main"],
+        # Loaded by vLLM in each of its processes where clm-ext is installed beside it (clm_ext/vllm).
+        "vllm.general_plugins": ["clm_ext = clm_ext.vllm:register"],
+    },
 )

@@ -10,6 +10,7 @@ COMMANDS = {
     "merge": "Fold the alignment layer into a plain transformers model for one alpha.",
     "demo": "The end-to-end demo: tiny model, VADER-judged preferences, DPO, alpha sweep.",
     "bench": "Run one of the benchmark scripts.",
+    "export-vllm": "Write a checkpoint that vLLM serves with the clm-ext plugin (per-request alpha).",
 }
 
 
@@ -20,9 +21,9 @@ def main(argv=None) -> int:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if chosen == [name]:
-            importlib.import_module(f"clm_ext.cli.{name}").add_arguments(p)
+            importlib.import_module(f"clm_ext.cli.{name.replace('-', '_')}").add_arguments(p)
     args = parser.parse_args(argv)
-    return importlib.import_module(f"clm_ext.cli.{args.command}").run(args) or 0
+    return importlib.import_module(f"clm_ext.cli.{args.command.replace('-', '_')}").run(args) or 0
 
 
 if __name__ == "__main__":
