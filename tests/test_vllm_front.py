@@ -83,5 +83,13 @@ def test_token_alpha_repeats_each_requests_alpha_and_refuses_unwritten_steps():
         state.take(2)
     with state.dummy_run():
         assert torch.equal(state.take(5), torch.zeros(5))
+    with pytest.raises(RuntimeError, match="not written"):
+        state.take(5)  # the dummy run is over
+    state.start_dummy()  # V2 graph capture: warm-up and capture forwards until the next real write
+    assert torch.equal(state.take(5), state.take(5))
+    state.write_requests([3.0], [2])
+    assert state.take(2).tolist() == [3.0, 3.0]
+    with pytest.raises(RuntimeError, match="not written"):
+        state.take(2)
     with pytest.raises(RuntimeError, match="holds 16"):
         state.write(np.zeros(17))

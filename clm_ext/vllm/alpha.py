@@ -48,17 +48,21 @@ class TokenAlpha:
         if n > self.buffer.shape[0]:
             raise RuntimeError(f"clm-ext: {n} tokens scheduled, the alpha buffer holds {self.buffer.shape[0]}")
         self.buffer[:n].copy_(torch.from_numpy(np.ascontiguousarray(alphas, dtype=np.float32)))
-        self._written = n
+        self._written, self._dummy = n, False
 
     def write_requests(self, alphas: list, num_scheduled_tokens) -> None:
         """Each request's alpha repeated over its scheduled tokens."""
         self.write(np.repeat(np.asarray(alphas, dtype=np.float32), np.asarray(num_scheduled_tokens)))
 
-    @contextlib.contextmanager
-    def dummy_run(self):
-        """Profiling, warm-up and graph-capture runs: no requests, outputs discarded, alpha 0."""
+    def start_dummy(self) -> None:
+        """Profiling, warm-up and graph-capture runs (no requests, outputs discarded) until the next
+        write: alpha 0, and forwards may run any number of times (a graph capture warms up first)."""
         self.buffer.zero_()
         self._dummy = True
+
+    @contextlib.contextmanager
+    def dummy_run(self):
+        self.start_dummy()
         try:
             yield
         finally:

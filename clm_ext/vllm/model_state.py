@@ -34,6 +34,6 @@ class ClmModelState(DefaultModelState):
 
     def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
         inputs = super().prepare_dummy_inputs(num_reqs, num_tokens)
-        if self.clm_alpha is not None:  # graph capture: no requests, outputs discarded
-            self.clm_alpha.write(np.zeros(num_tokens, dtype=np.float32))
+        if self.clm_alpha is not None:  # graph capture (warm-up runs, then the capture): no requests
+            self.clm_alpha.start_dummy()
         return inputs
