@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     rows = common.Rows("bench_vllm", device, dtype)
     print(f"bench_vllm on {rows.common['device_name']}, {dtype}", flush=True)
     engine = dict(dtype="float32", block_size=32, max_model_len=512, max_num_seqs=requests, seed=0,
-                  enforce_eager=args.eager, enable_prefix_caching=False)
+                  enforce_eager=args.eager, enable_prefix_caching=False, skip_tokenizer_init=True)
     with tempfile.TemporaryDirectory(prefix="bench_vllm-") as root:
         base_dir, clm_dir = checkpoints(name, root)
         base, clm = LLM(base_dir, **engine), LLM(clm_dir, **engine)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     mixed = torch.linspace(-1, 2, requests).tolist()
 
     def gen(llm, alphas):
-        params = [SamplingParams(max_tokens=new, min_tokens=new, temperature=0, ignore_eos=True,
+        params = [SamplingParams(max_tokens=new, min_tokens=new, temperature=0, ignore_eos=True, detokenize=False,
                                  extra_args=None if a is None else {"alpha": a}) for a in alphas]
         return lambda: llm.generate(prompts, params, use_tqdm=False)
 
