@@ -5,7 +5,11 @@ per-sequence alphas, and 1.0x for the merged model. Every provider generates fro
 exactly `new` tokens per sequence: min_new_tokens = max_new_tokens) with `model.generate`, KV cache on:
 - base: the plain model; clm_alpha1: embed mode at alpha 1; clm_mixed: one alpha per sequence in [-1, 2];
 - clm_cached: as clm_mixed with `cache_aligned_table=True` (a gather + lerp per step, no GEMM);
-- clm_logits: mode "logits" (two streams, so about 2x the work: the fidelity mode, not the fast one);
+- clm_logits: mode "logits" (two streams, so about 2x the work: the fidelity mode, not the fast one); the
+  layer runs on the aligned stream's rows only, the unaligned stream is a plain lookup;
+- clm_logits_all_rows: mode "logits" as it was before issue 11: the layer's op over all 2B rows, with alpha
+  0 for the unaligned half (the same numbers; what skipping that half saves). Case
+  "logits_embedding_prefill" times the embedding's forward alone on the prefill's 2B rows for both;
 - merged: `clm_ext.merge_alignment(model, 1.0)`, a plain model again;
 - clm_block_logits: layer "block" (the paper's variant: a new first decoder block), mode "logits", mixed alphas;
 - clm_block_embed: layer "block", mode "embed" (the block's output mixed before the first block), mixed alphas.
@@ -51,6 +55,34 @@ def controlled(base, alpha, **kwargs):
     return model.eval()
 
 
+def all_rows_logits(base, alpha):
+    """Mode "logits" with the layer's op run over both streams (per-row alpha 0 | 1), as before issue 11."""
+    model = controlled(base, alpha, mode="logits")
+    site = alignment_site(model)
+
+    def forward(input_ids):
+        return site._scale(site._mix(input_ids, site.row_alpha(input_ids.shape[0], site.weight.device)))
+
+    site.forward = forward
+    return model
+
+
+def two_stream_embedding(model, ids):
+    """The embedding's forward alone on a prefill's two-stream batch (2B rows), as the logits-mode model
+    calls it: what skipping the unaligned half saves, without the rest of the network around it."""
+    site = alignment_site(model)
+    both = torch.cat([ids, ids])
+
+    def call():
+        site._stream_rows = both.shape[0]
+        try:
+            return site(both)
+        finally:
+            site._stream_rows = None
+
+    return call
+
+
 def providers(base, batch):
     mixed = torch.linspace(-1.0, 2.0, batch)
     one = controlled(base, 1.0)
@@ -60,6 +92,7 @@ def providers(base, batch):
         "clm_mixed": controlled(base, mixed),
         "clm_cached": controlled(base, mixed, cache_aligned_table=True),
         "clm_logits": controlled(base, mixed, mode="logits"),
+        "clm_logits_all_rows": all_rows_logits(base, mixed),
         "merged": clm_ext.merge_alignment(one, 1.0).eval(),
         "clm_block_logits": controlled(base, mixed, mode="logits", layer="block"),
         "clm_block_embed": controlled(base, mixed, mode="embed", layer="block"),
@@ -69,6 +102,7 @@ def providers(base, batch):
 def main(argv=None) -> int:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=None, help="timed generate calls per provider")
+    p.add_argument("--providers", help="comma-separated subset of the providers (default: all)")
     args = p.parse_args(argv)
     device, dtype = common.resolve(args)
     mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
@@ -82,6 +116,8 @@ def main(argv=None) -> int:
         ids = torch.randint(3, common.MODELS[name]["vocab_size"], (batch, prompt), generator=g).to(device)
         mask = torch.ones_like(ids)
         models_ = providers(base, batch)
+        if args.providers:
+            models_ = {k: m for k, m in models_.items() if k in args.providers.split(",")}
 
         def gen(model):
             return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
@@ -98,7 +134,16 @@ def main(argv=None) -> int:
             if alignment_site(models_[provider]) is not None:  # the alignment layer's size
                 rows.add("generate", shape, provider, "alignment_params", "params",
                          sum(p.numel() for p in alignment_parameters(models_[provider])))
-        base_s = common.quantiles(times["base"])[0]
+        two_stream = {k: two_stream_embedding(models_[k], ids) for k in ("clm_logits", "clm_logits_all_rows")
+                      if k in models_}
+        if two_stream:
+            with torch.inference_mode():
+                layer_times = common.time_fns(two_stream, device, repeats=4 * repeats)
+            for provider, t in layer_times.items():
+                rows.add("logits_embedding_prefill", shape, provider, "time_s", "s", t)
+            print("    logits-mode embedding forward, prefill: " + "  ".join(
+                f"{k}={common.quantiles(t)[0] * 1e6:.0f}us" for k, t in layer_times.items()), flush=True)
+        base_s = common.quantiles(times["base" if "base" in times else next(iter(times))])[0]
         print(f"  {shape}\n    " + "  ".join(
             f"{k}={batch * new / common.quantiles(t)[0]:.0f} tok/s ({base_s / common.quantiles(t)[0]:.3f}x)"
             for k, t in times.items()), flush=True)

@@ -7,6 +7,12 @@ backward floor is the dW GEMM alone), per-sequence and scalar alpha, forward / b
 Also the decode step (one token per sequence, inference): `embed_alignment_mix` and `embedding_lerp` from a
 cached aligned table against the eager gather + GEMM + lerp.
 
+Also the fold threshold per dtype (case "fold/<dtype>", forward, no grad): with one alpha the op folds it
+into the weight (W_a = I + a (W - I), then one GEMM) once rows >= a per-dtype threshold (csrc: 0.67 d in
+fp32, 3.3 d in bf16/fp16, from the bytes each path moves); "mix" is the GEMM + mixing pass (the op with a
+per-sequence alpha of equal values), "fold" the same ATen calls the fold makes (W_a, then addmm), "clm" the
+op with a scalar alpha, which picks by the threshold (metric fold_threshold_rows).
+
 Rows: time_s per provider and phase, roofline_fraction (roofline time / median time, with ceilings measured
 in the same run, at its start and its end: a large square GEMM and a large copy), flop and bytes of each shape (provider "roofline"),
 saved_bytes (activations saved for backward, alpha trainable or not), peak_bytes (CUDA only) and
@@ -224,6 +230,57 @@ def bench_decode(batch, d, vocab, args, device, dtype, rows, pending, with_compi
         if r["case"] == "decode" and r["shape"] == shape and r["metric"] == "time_s"), flush=True)
 
 
+FOLD_RATIOS = (0.25, 0.5, 0.67, 1.0, 2.0, 3.33, 4.0, 8.0)  # rows / d
+
+
+def fold_threshold_rows(d, dtype):
+    """csrc/alignment_mix.cpp's fold_threshold_rows: fold where building W_a moves fewer bytes than mixing."""
+    size = torch.empty((), dtype=dtype).element_size()
+    opmath = 8 if dtype == torch.float64 else 4
+    fold = 2 * opmath if size == opmath else 4 * opmath + 2 * size
+    return -(-d * fold // (3 * size))
+
+
+def fold_dtypes(device):
+    # bf16/fp16 on CPU run through float conversions and are not representative of a GPU's
+    return (torch.float32, torch.bfloat16) if device.type == "cpu" else (torch.float32, torch.bfloat16, torch.float16)
+
+
+def bench_fold(d, args, device, rows, budget):
+    """Scalar alpha, forward: mixing pass against folding alpha into W, rows from d/4 to 8 d, per dtype."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for dtype in fold_dtypes(device):
+        name = str(dtype).removeprefix("torch.")
+        w = (torch.eye(d) + 0.02 * torch.randn(d, d, generator=g)).to(device, dtype)
+        b = (0.02 * torch.randn(d, generator=g)).to(device, dtype)
+        a = torch.tensor(0.7, device=device)
+        threshold = fold_threshold_rows(d, dtype)
+        rows.add(f"fold/{name}", f"d={d}", "clm", "fold_threshold_rows", "rows", threshold, dtype=name)
+
+        def fold(x2):
+            wa = w.to(a.dtype).mul(a)
+            wa.diagonal().add_(a.neg().add(1))
+            return torch.addmm(b.to(a.dtype).mul(a).to(dtype), x2, wa.to(dtype).t())
+
+        line = []
+        for ratio in FOLD_RATIOS:
+            n = max(2, 2 * round(ratio * d / 2))
+            x = torch.randn(2, n // 2, d, generator=g).to(device, dtype)
+            per_seq = a.repeat(2)
+            fns = {"mix": lambda: ops.alignment_mix(x, w, b, per_seq),
+                   "fold": lambda: fold(x.view(-1, d)),
+                   "clm": lambda: ops.alignment_mix(x, w, b, 0.7)}
+            with torch.inference_mode():
+                times = common.time_fns(fns, device, repeats=args.repeats, budget_s=budget * len(fns),
+                                        min_repeat_s=args.min_repeat_s)
+            for provider, t in times.items():
+                rows.add(f"fold/{name}", f"rows={n} d={d}", provider, "time_s", "s", t, dtype=name)
+            mix_s, fold_s = (common.quantiles(times[k])[0] for k in ("mix", "fold"))
+            line.append(f"{n / d:.2f}d:{mix_s / fold_s:.2f}")
+        print(f"  fold/{name} d={d} (threshold {threshold} rows = {threshold / d:.2f} d) mix/fold time: "
+              + " ".join(line), flush=True)
+
+
 def add_roofline(rows, pending, roofs):
     """Roofline time of every shape (provider "roofline") and each measurement's fraction of it."""
     peak_flops, peak_bw = roofs
@@ -239,6 +296,7 @@ def main(argv=None) -> int:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--fold-only", action="store_true", help="only the fold-threshold sweep per dtype")
     args = p.parse_args(argv)
     device, dtype = common.resolve(args)
     args.repeats = args.repeats or (3 if args.smoke else 20)
@@ -253,7 +311,7 @@ def main(argv=None) -> int:
     pending = []  # roofline fractions wait for the ceilings measured again at the end
     # Per-sequence alpha (the general case) everywhere, scalar alpha at the headline shape; torch.compile
     # (a fresh compile per case, seconds each) at the smallest batch of several tokens and the largest N.
-    for d in ds:
+    for d in () if args.fold_only else ds:
         for n in ns:
             compiled = with_compile and n in (64, ns[-1])
             for op in ("alignment_mix", "embed_alignment_mix"):
@@ -263,6 +321,7 @@ def main(argv=None) -> int:
                 bench_saved(op, n, d, "per_seq", device, dtype, rows, vocab, compiled and n == ns[-1])
         for batch in batches:
             bench_decode(batch, d, vocab, args, device, dtype, rows, pending, with_compile, budget)
+    bench_fold(head[1], args, device, rows, 4 * budget)  # small differences: more rounds
     end = ceilings(device, dtype, rows, args.smoke, "end")
     add_roofline(rows, pending, (max(roofs[0], end[0]), max(roofs[1], end[1])))
     stem = rows.write(args.out)

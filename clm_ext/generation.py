@@ -5,6 +5,7 @@ own KV-cache rows) and mixes the logits, so `model.generate` works as is.
 """
 from __future__ import annotations
 
+from numbers import Real
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -29,7 +30,7 @@ def generate(
     """
     site = _site(model, "generate")
     if isinstance(prompts, str):
-        if alphas is None or isinstance(alphas, (int, float)):
+        if alphas is None or _is_one_alpha(alphas):
             prompts = [prompts]
         else:
             prompts = [prompts] * len(alphas)
@@ -38,7 +39,7 @@ def generate(
         raise TypeError("generate: prompts must be a string or a non-empty list of strings")
     if alphas is None:
         alpha = site.alpha
-    elif isinstance(alphas, (int, float)):
+    elif _is_one_alpha(alphas):
         alpha = float(alphas)
     else:
         alpha = [float(a) for a in alphas]
@@ -64,3 +65,8 @@ def generate(
         out = model.generate(**batch, **generate_kwargs)
     new_tokens = out[:, batch["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def _is_one_alpha(alphas) -> bool:
+    """A single number: a Python or numpy scalar (np.float32 is no float), or a 0-d tensor or array."""
+    return isinstance(alphas, Real) or getattr(alphas, "ndim", None) == 0

@@ -39,9 +39,11 @@ def as_alpha(alpha: Union[float, Tensor, list, tuple], name: str = "alpha") -> T
     if isinstance(alpha, bool) or not isinstance(alpha, (Real, Tensor)):
         raise TypeError(f"{name} must be a float or a 1-D tensor of one alpha per sequence, got {type(alpha).__name__}")
     if isinstance(alpha, Real):
-        if not math.isfinite(alpha):
-            raise ValueError(f"{name} must be finite, got {alpha}")
-        return torch.tensor(float(alpha), dtype=torch.float32)
+        # Checked after the float32 conversion: 1e300 is a finite Python float but inf in float32.
+        value = torch.tensor(float(alpha), dtype=torch.float32)
+        if not math.isfinite(alpha) or not bool(torch.isfinite(value)):
+            raise ValueError(f"{name} must be finite in float32 (|alpha| <= 3.4e38), got {alpha}")
+        return value
     if alpha.dtype == torch.bool or alpha.is_complex():
         raise TypeError(f"{name} must be a real tensor, got dtype {alpha.dtype}")
     if alpha.dim() > 1:
@@ -50,9 +52,10 @@ def as_alpha(alpha: Union[float, Tensor, list, tuple], name: str = "alpha") -> T
         )
     if alpha.dim() == 1 and alpha.numel() == 0:
         raise ValueError(f"{name} must hold at least one value, got an empty tensor")
-    alpha = alpha.detach().to(torch.float32)
+    values = alpha.detach()
+    alpha = values.to(torch.float32)
     if not bool(torch.isfinite(alpha).all()):
-        raise ValueError(f"{name} must be finite, got {alpha.tolist()}")
+        raise ValueError(f"{name} must be finite in float32 (|alpha| <= 3.4e38), got {values.tolist()}")
     return alpha
 
 
@@ -259,22 +262,70 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
         return h if scale is None else h * scale.to(self.weight.dtype)
 
     def forward(self, input_ids: Tensor) -> Tensor:
+        if input_ids.dim() > 1 and self.mode == "logits":
+            return self._scale(self._two_stream_rows(input_ids))
         alpha = self.row_alpha(input_ids.shape[0], self.weight.device) if input_ids.dim() > 1 else self.user_alpha(
             self.weight.device
         )
-        w, b = self._layer_in_table_dtype()
+        return self._scale(self._mix(input_ids, alpha))
+
+    def _two_stream_rows(self, input_ids: Tensor) -> Tensor:
+        """Mode "logits": the unaligned half (alpha 0) is a plain lookup; only the aligned half runs the layer."""
+        self._check_two_stream(input_ids.shape[0])
+        half = input_ids.shape[0] // 2
+        return torch.cat([self._lookup(input_ids[:half]), self._mix(input_ids[half:], 1.0)])
+
+    def _mix(self, input_ids: Tensor, alpha) -> Tensor:
         if self.cache_aligned_table and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            h = ops.embedding_lerp(input_ids, self.weight, self._aligned_table(), alpha)
-        else:
-            h = ops.embed_alignment_mix(input_ids, self.weight, w, b, alpha)
-        return self._scale(h)
+            return ops.embedding_lerp(input_ids, self.weight, self._aligned_table(), alpha)
+        w, b = self._layer_in_table_dtype()
+        if self._table_grad_has_options():
+            return ops.alignment_mix(self._lookup(input_ids), w, b, alpha)
+        return ops.embed_alignment_mix(input_ids, self.weight, w, b, alpha)
+
+    def _lookup(self, input_ids: Tensor) -> Tensor:
+        """E[id] as nn.Embedding computes it, its gradient honouring padding_idx, scale_grad_by_freq, sparse."""
+        return nn.functional.embedding(
+            input_ids, self.weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse
+        )
+
+    def _table_grad_has_options(self) -> bool:
+        """Whether the table trains with gradient options the fused op does not implement (it then gathers
+        with nn.Embedding's own lookup and mixes with alignment_mix)."""
+        return (
+            self.weight.requires_grad
+            and torch.is_grad_enabled()
+            and (self.padding_idx is not None or self.scale_grad_by_freq or self.sparse)
+        )
+
+    def _apply(self, fn, recurse=True):
+        """Casts reach the table; a cast to a 16-bit type leaves the layer in float32 (its master weights,
+        as `wrap` made them), so `model.to(torch.bfloat16)` keeps the promise of a float32 layer."""
+
+        def keep_float32(t: Tensor) -> Tensor:
+            out = fn(t)
+            if t.is_floating_point() and t.itemsize >= 4 and out.dtype in (torch.bfloat16, torch.float16):
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        super()._apply(fn, recurse=False)
+        if recurse:
+            for child in self.children():
+                child._apply(keep_float32)
+        return self
 
     def _layer_in_table_dtype(self) -> tuple:
         """(W, b) in the table's dtype: the fused op computes in one dtype; the cast is differentiable."""
         return tuple(t.to(self.weight.dtype) for t in (self.alignment.weight, self.alignment.bias))
 
+    def refresh_aligned_table(self) -> None:
+        """Rebuild the cached aligned table on the next call. Needed only after a write through `.data`
+        (`weight.data.copy_(...)`), which bypasses the version counters the cache watches."""
+        self._table, self._table_key = None, None
+
     def _aligned_table(self) -> Tensor:
-        """E_a = E W^T + b, rebuilt whenever the table or the layer changed (in place or replaced)."""
+        """E_a = E W^T + b, rebuilt whenever the table or the layer changed (in place or replaced) in a way
+        PyTorch tracks: a new tensor, or an in-place write that bumps its version counter."""
         tensors = (self.weight, self.alignment.weight, self.alignment.bias)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._table_key != key:

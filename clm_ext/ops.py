@@ -42,6 +42,14 @@ def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _finite_in(value: float, dtype: torch.dtype) -> bool:
+    """Whether `value` stays finite in `dtype` (1e300 is finite as a Python float, inf in float32)."""
+    return math.isfinite(value) and (dtype == torch.float64 or abs(value) <= _FLOAT32_MAX)
+
+
 def _check_layer(name: str, weight: Tensor, bias: Optional[Tensor], like: Tensor, d: int) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"{name}: weight must be a Tensor, got {type(weight).__name__}")
@@ -70,9 +78,11 @@ def _as_alpha(name: str, alpha: Alpha, like: Tensor, batch_shape: torch.Size) ->
     if isinstance(alpha, bool) or not isinstance(alpha, (Real, Tensor)):
         raise TypeError(f"{name}: alpha must be a float or a tensor, got {type(alpha).__name__}")
     if isinstance(alpha, Real):
-        if not math.isfinite(alpha):
-            raise ValueError(f"{name}: alpha must be finite, got {alpha}")
-        return torch.tensor(float(alpha), dtype=_opmath_dtype(like.dtype), device=like.device)
+        opmath = _opmath_dtype(like.dtype)
+        if not _finite_in(float(alpha), opmath):
+            raise ValueError(f"{name}: alpha must be finite in {opmath}, got {alpha}")
+        # torch.full fills on the device: no blocking host-to-device copy per call (CUDA-graph friendly).
+        return torch.full((), float(alpha), dtype=opmath, device=like.device)
     if not alpha.is_floating_point():
         raise TypeError(f"{name}: alpha must be a floating-point tensor, got {alpha.dtype}")
     if alpha.device != like.device:
@@ -96,8 +106,9 @@ def _as_alpha(name: str, alpha: Alpha, like: Tensor, batch_shape: torch.Size) ->
     # stream every step); clm_ext.set_alpha checks values once, where they are set.
     if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
         values = alpha.reshape(-1).tolist()  # a few values: cheaper than a tensor reduction per call
-        if not all(map(math.isfinite, values)):
-            raise ValueError(f"{name}: alpha must be finite, got {values}")
+        opmath = _opmath_dtype(like.dtype)
+        if not all(_finite_in(v, opmath) for v in values):
+            raise ValueError(f"{name}: alpha must be finite in {opmath}, got {values}")
     return alpha
 
 
@@ -250,4 +261,98 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "clm_ext::embed_alignment_mix", _embed_alignment_mix_backward, setup_context=_save_inputs
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Double backward (create_graph=True): the backward ops' own derivatives, in plain PyTorch so that any
+# higher order follows too. With D = W - I and a, ga the per-row alpha and cotangent of dalpha:
+#   dx = g + a g D,  dW = sum a g^T x,  db = sum a g,  dalpha = sum g . (x D^T + b)
+# are linear in g and in x, and their derivatives are the products below.
+
+
+def _per_row(values: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """One value per sequence -> a [rows, 1] column, each sequence's value repeated over its rows."""
+    flat = values.reshape(-1).to(dtype)
+    return flat.repeat_interleave(rows // flat.numel()).unsqueeze(1)
+
+
+def _per_sequence(row_values: Tensor, alpha: Tensor) -> Tensor:
+    return row_values.reshape(alpha.numel(), -1).sum(1).reshape(alpha.shape).to(alpha.dtype)
+
+
+def _mix_backward_derivatives(g, x, weight, bias, alpha, gx, gw, gb, ga):
+    """Derivatives of (dx, dW, db, dalpha) w.r.t. (g, x, weight, bias, alpha), given the cotangents
+    gx, gw, gb, ga of those outputs (None where an output was not computed). g and x are [rows, d]."""
+    rows = g.shape[0]
+    a = _per_row(alpha, rows, x.dtype)
+    gd = g @ weight - g  # g D
+    dg, dx, dw = torch.zeros_like(g), torch.zeros_like(x), torch.zeros_like(weight)
+    db = None if bias is None else torch.zeros_like(bias)
+    dalpha_rows = g.new_zeros(rows)
+    if gx is not None:
+        dg = dg + gx + a * (gx @ weight.t() - gx)
+        dw = dw + (a * g).t() @ gx
+        dalpha_rows = dalpha_rows + (gx * gd).sum(1)
+    if gw is not None:
+        x_gw = x @ gw.t()
+        dg = dg + a * x_gw
+        dx = dx + a * (g @ gw)
+        dalpha_rows = dalpha_rows + (g * x_gw).sum(1)
+    if gb is not None:
+        dg = dg + a * gb
+        dalpha_rows = dalpha_rows + g @ gb
+    if ga is not None:
+        ga_rows = _per_row(ga, rows, x.dtype)
+        aligned = x @ weight.t() - x if bias is None else x @ weight.t() - x + bias
+        dg = dg + ga_rows * aligned
+        dx = dx + ga_rows * gd
+        dw = dw + (ga_rows * g).t() @ x
+        if bias is not None:
+            db = db + (ga_rows * g).sum(0)
+    return dg, dx, dw, db, _per_sequence(dalpha_rows, alpha)
+
+
+def _cotangents(grads, mask):
+    return [g if need and g is not None and g.numel() else None for g, need in zip(grads, mask)]
+
+
+def _save_backward_inputs(ctx, inputs, output):
+    *tensors, ctx.output_mask = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _alignment_mix_double_backward(ctx, *grads):
+    grad, x, weight, bias, alpha = ctx.saved_tensors
+    d = weight.shape[0]
+    gx, gw, gb, ga = _cotangents(grads, ctx.output_mask)
+    gx = None if gx is None else gx.reshape(-1, d)
+    dg, dx, dw, db, da = _mix_backward_derivatives(
+        grad.reshape(-1, d), x.reshape(-1, d), weight, bias, alpha, gx, gw, gb, ga
+    )
+    need = ctx.needs_input_grad
+    results = (dg.reshape(grad.shape), dx.reshape(x.shape), dw, db, da)
+    return tuple(r if n else None for r, n in zip(results, need)) + (None,)
+
+
+def _embed_alignment_mix_double_backward(ctx, *grads):
+    grad, input_ids, embed_weight, weight, bias, alpha = ctx.saved_tensors
+    d = weight.shape[0]
+    ids = input_ids.reshape(-1)
+    ge, gw, gb, ga = _cotangents(grads, ctx.output_mask)
+    gx = None if ge is None else ge[ids]  # dE is a scatter-add of dx by id, so dx's cotangent is a gather
+    dg, dx, dw, db, da = _mix_backward_derivatives(
+        grad.reshape(-1, d), embed_weight[ids], weight, bias, alpha, gx, gw, gb, ga
+    )
+    de = torch.zeros_like(embed_weight).index_add(0, ids, dx)
+    need = ctx.needs_input_grad
+    results = (dg.reshape(grad.shape), None, de, dw, db, da)
+    return tuple(r if n else None for r, n in zip(results, need)) + (None,)
+
+
+torch.library.register_autograd(
+    "clm_ext::alignment_mix_backward", _alignment_mix_double_backward, setup_context=_save_backward_inputs
+)
+torch.library.register_autograd(
+    "clm_ext::embed_alignment_mix_backward", _embed_alignment_mix_double_backward, setup_context=_save_backward_inputs
 )

@@ -10,6 +10,58 @@ namespace {
 
 at::ScalarType opmath_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Host-side checks: the Python wrappers check more kindly, but a direct torch.ops.clm_ext call must not
+// hand a kernel a pointer of the wrong device, dtype or size. Every message names the argument.
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              ", expected ", like.scalar_type());
+}
+
+// x (or the table) is floating; weight is [d, d]; bias, if any, is [d]; all on one device and dtype.
+void check_layer(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& weight,
+                 const std::optional<at::Tensor>& bias, const at::Tensor& alpha) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", x_name, " must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have a hidden dimension, got a 0-d tensor");
+  const int64_t d = x.size(-1);
+  check_like(op, "weight", weight, x);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == d && weight.size(1) == d, op, ": weight must have shape [",
+              d, ", ", d, "] to match the hidden size of ", x_name, ", got ", weight.sizes());
+  if (bias.has_value()) {
+    check_like(op, "bias", *bias, x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape [", d, "], got ",
+                bias->sizes());
+  }
+  TORCH_CHECK(at::isFloatingType(alpha.scalar_type()), op, ": alpha must be floating point, got ",
+              alpha.scalar_type());
+}
+
+void check_grad(const char* op, const at::Tensor& grad, at::IntArrayRef expected, const at::Tensor& like) {
+  check_like(op, "grad", grad, like);
+  TORCH_CHECK(grad.sizes() == expected, op, ": grad must have shape ", expected, ", got ", grad.sizes());
+}
+
+// ids are int32/int64 on the table's device; on CPU every id is checked against the vocabulary here
+// (CUDA kernels check with a device assert).
+void check_ids(const char* op, const at::Tensor& ids, const at::Tensor& table) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
+              ": input_ids must be int64 or int32, got ", ids.scalar_type());
+  TORCH_CHECK(ids.device() == table.device(), op, ": input_ids are on ", ids.device(), ", embed_weight on ",
+              table.device());
+  TORCH_CHECK(table.dim() == 2, op, ": embed_weight must be 2-D [vocab, hidden], got ", table.sizes());
+}
+
+void check_id_range(const char* op, const at::Tensor& flat, int64_t vocab) {
+  if (!flat.is_cpu()) return;
+  const int64_t* id = flat.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < flat.numel(); ++r) {
+    TORCH_CHECK(id[r] >= 0 && id[r] < vocab, op, ": input_ids must lie in [0, ", vocab, "), got ", id[r],
+                " at position ", r);
+  }
+}
+
 // alpha as a flat, contiguous opmath vector of one value per sequence, on the input's device.
 at::Tensor alpha_values(const at::Tensor& alpha, const at::Tensor& like) {
   return alpha.reshape({-1}).to(like.device(), opmath_of(like.scalar_type())).contiguous();
@@ -28,18 +80,41 @@ at::Tensor bias_or_undefined(const std::optional<at::Tensor>& bias) {
 
 at::Tensor flat_rows(const at::Tensor& t, int64_t d) { return t.reshape({-1, d}).contiguous(); }
 
-at::Tensor flat_ids(const at::Tensor& ids) { return ids.reshape({-1}).to(at::kLong).contiguous(); }
-
-at::Tensor with_hidden(const at::Tensor& rows, const at::Tensor& ids) {
-  auto shape = ids.sizes().vec();
-  shape.push_back(rows.size(1));
-  return rows.view(shape);
+// The ids as a flat int64 vector, each checked against the table's vocabulary (on CPU here).
+at::Tensor flat_ids(const char* op, const at::Tensor& ids, const at::Tensor& table) {
+  check_ids(op, ids, table);
+  at::Tensor flat = ids.reshape({-1}).to(at::kLong).contiguous();
+  check_id_range(op, flat, table.size(0));
+  return flat;
 }
 
-// One alpha for all rows and at least d rows: folding alpha into the weight, W_a = I + a (W - I),
-// costs O(d^2) and saves the O(rows * d) mixing pass, so the op is a single GEMM.
+std::vector<int64_t> ids_by_hidden(const at::Tensor& ids, int64_t d) {
+  auto shape = ids.sizes().vec();
+  shape.push_back(d);
+  return shape;
+}
+
+// Outputs are reshaped with _unsafe_view: a plain view would make the op's result a view of a temporary,
+// and in-place use of it (`h *= scale`, `.add_` under grad) would fail where nn.Embedding's does not.
+at::Tensor with_hidden(const at::Tensor& rows, const at::Tensor& ids) {
+  return at::_unsafe_view(rows, ids_by_hidden(ids, rows.size(1)));
+}
+
+// With one alpha for all rows, folding it into the weight, W_a = I + a (W - I), makes the op a single
+// GEMM: building W_a moves `fold` bytes per d^2 element (a multiply in the opmath type, plus a cast in and
+// out for 16-bit types: 2 + 4, 4 + 4, 4 + 2 = 20 bytes in bf16; 8 in fp32) where the mixing pass moves
+// 3 elements (read h and x, write h) per rows x d element (6 bytes in bf16, 12 in fp32). Fold where that
+// is less traffic: from rows >= 3.3 d in bf16/fp16 and rows >= 0.67 d in fp32/fp64.
+int64_t fold_threshold_rows(const at::Tensor& weight) {
+  const int64_t size = weight.element_size();
+  const int64_t opmath = at::elementSize(opmath_of(weight.scalar_type()));
+  const int64_t fold = size == opmath ? 2 * opmath : 4 * opmath + 2 * size;
+  const int64_t mix = 3 * size;
+  return (weight.size(0) * fold + mix - 1) / mix;
+}
+
 bool fold_alpha_into_weight(int64_t rows, const at::Tensor& alpha, const at::Tensor& weight) {
-  return alpha.numel() == 1 && rows >= weight.size(0);
+  return alpha.numel() == 1 && rows >= fold_threshold_rows(weight);
 }
 
 // W_a = a W + (1 - a) I, computed in the opmath type; exactly I at a = 0 and W at a = 1.
@@ -120,16 +195,19 @@ struct NoAutocast {
 at::Tensor alignment_mix(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& alpha, const Kernels& k) {
   const NoAutocast no_autocast;
-  return mix_rows(flat_rows(x, weight.size(0)), weight, bias, alpha, k).view(x.sizes());
+  check_layer("alignment_mix", "x", x, weight, bias, alpha);
+  return at::_unsafe_view(mix_rows(flat_rows(x, weight.size(0)), weight, bias, alpha, k), x.sizes());
 }
 
 Grads alignment_mix_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& alpha,
                              std::array<bool, 4> output_mask, const Kernels& k) {
   const NoAutocast no_autocast;
+  check_layer("alignment_mix_backward", "x", x, weight, bias, alpha);
+  check_grad("alignment_mix_backward", grad, x.sizes(), x);
   const int64_t d = weight.size(0);
   auto [dx, dw, db, da] = mix_rows_backward(flat_rows(grad, d), flat_rows(x, d), weight, bias, alpha, output_mask, k);
-  if (output_mask[0]) dx = dx.view(x.sizes());
+  if (output_mask[0]) dx = at::_unsafe_view(dx, x.sizes());
   return {dx, dw, db, da};
 }
 
@@ -137,7 +215,9 @@ at::Tensor embed_alignment_mix(const at::Tensor& input_ids, const at::Tensor& em
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& alpha, const Kernels& k) {
   const NoAutocast no_autocast;
-  const at::Tensor x2 = at::index_select(embed_weight, 0, flat_ids(input_ids));
+  const at::Tensor ids = flat_ids("embed_alignment_mix", input_ids, embed_weight);
+  check_layer("embed_alignment_mix", "embed_weight", embed_weight, weight, bias, alpha);
+  const at::Tensor x2 = at::index_select(embed_weight, 0, ids);
   return with_hidden(mix_rows(x2, weight, bias, alpha, k), input_ids);
 }
 
@@ -146,18 +226,36 @@ Grads embed_alignment_mix_backward(const at::Tensor& grad, const at::Tensor& inp
                                    const std::optional<at::Tensor>& bias, const at::Tensor& alpha,
                                    std::array<bool, 4> output_mask, const Kernels& k) {
   const NoAutocast no_autocast;
-  const at::Tensor ids = flat_ids(input_ids);
+  constexpr const char* op = "embed_alignment_mix_backward";
+  const at::Tensor ids = flat_ids(op, input_ids, embed_weight);
+  check_layer(op, "embed_weight", embed_weight, weight, bias, alpha);
+  check_grad(op, grad, ids_by_hidden(input_ids, embed_weight.size(1)), embed_weight);
   const at::Tensor x2 = at::index_select(embed_weight, 0, ids);
   auto [dx, dw, db, da] =
       mix_rows_backward(flat_rows(grad, weight.size(0)), x2, weight, bias, alpha, output_mask, k);
-  at::Tensor de = output_mask[0] ? at::zeros_like(embed_weight).index_add_(0, ids, dx) : dx;
+  at::Tensor de = dx;
+  if (output_mask[0]) {
+    // Accumulate in the opmath type: in a 16-bit table every repeated id would otherwise round per add
+    // (and on CUDA in no fixed order).
+    const at::ScalarType acc = opmath_of(embed_weight.scalar_type());
+    de = at::zeros(embed_weight.sizes(), embed_weight.options().dtype(acc))
+             .index_add_(0, ids, dx.to(acc))
+             .to(embed_weight.scalar_type());
+  }
   return {de, dw, db, da};
 }
 
 at::Tensor embedding_lerp(const at::Tensor& input_ids, const at::Tensor& embed_weight,
                           const at::Tensor& aligned_weight, const at::Tensor& alpha, const Kernels& k) {
   const NoAutocast no_autocast;
-  const at::Tensor ids = flat_ids(input_ids);
+  constexpr const char* op = "embedding_lerp";
+  const at::Tensor ids = flat_ids(op, input_ids, embed_weight);
+  TORCH_CHECK(at::isFloatingType(embed_weight.scalar_type()), op, ": embed_weight must be floating point, got ",
+              embed_weight.scalar_type());
+  check_like(op, "aligned_weight", aligned_weight, embed_weight);
+  TORCH_CHECK(aligned_weight.sizes() == embed_weight.sizes(), op, ": aligned_weight must have the shape of embed_weight ",
+              embed_weight.sizes(), ", got ", aligned_weight.sizes());
+  TORCH_CHECK(at::isFloatingType(alpha.scalar_type()), op, ": alpha must be floating point, got ", alpha.scalar_type());
   at::Tensor out = at::empty({ids.numel(), embed_weight.size(1)}, embed_weight.options());
   if (ids.numel() > 0) {
     k.gather_lerp(out, ids, embed_weight.contiguous(), aligned_weight.contiguous(),

@@ -98,3 +98,10 @@ def tiny_tokenizer_fixture():
 def arch(request):
     """Parametrises a test over all five architectures."""
     return request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: loads a real pretrained model (seconds to minutes); `./run test` runs them, "
+        "`-m 'not slow'` skips them"
+    )

@@ -225,3 +225,128 @@ def test_runs_in_its_input_dtype_under_autocast(device):
     out.sum().backward()
     assert out.dtype == torch.float32 and weight.grad.dtype == torch.float32
     torch.testing.assert_close(out, ops.reference_alignment_mix(x, weight, bias, alpha))
+
+
+# ------------------------------------------------------------------------------------------------
+# Direct calls into torch.ops.clm_ext: the C++ checks its inputs itself (no Python wrapper in front).
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"bias": torch.zeros(3)}, r"bias must have shape \[8\]"),  # shorter than d: read out of bounds
+        ({"bias": torch.zeros(8, dtype=torch.float64)}, "bias has dtype Double, expected Float"),
+        ({"weight": torch.eye(4)}, r"weight must have shape \[8, 8\]"),
+        ({"weight": torch.eye(8, dtype=torch.float16)}, "weight has dtype Half"),
+        ({"alpha": torch.tensor([1, 2])}, "alpha must be floating point"),
+        ({"alpha": torch.ones(4)}, "alpha has 4 values, which does not divide the 6 rows"),
+        ({"x": torch.ones(2, 3, 8, dtype=torch.int32)}, "x must be floating point"),
+    ],
+)
+def test_direct_op_call_checks_its_inputs(change, match):
+    x, weight, bias = make((2, 3), 8, torch.float32)
+    args = {"x": x, "weight": weight, "bias": bias, "alpha": torch.tensor(0.5)}
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.clm_ext.alignment_mix(args["x"], args["weight"], args["bias"], args["alpha"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_direct_op_call_checks_devices():
+    """A CPU bias with CUDA x would hand the kernel a host pointer."""
+    x, weight, bias = make((2, 3), 8, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="bias is on cpu, expected cuda"):
+        torch.ops.clm_ext.alignment_mix(x, weight, bias.cpu(), torch.tensor(0.5, device="cuda"))
+    with pytest.raises(RuntimeError, match="weight is on cpu, expected cuda"):
+        torch.ops.clm_ext.alignment_mix(x, weight.cpu(), bias, torch.tensor(0.5, device="cuda"))
+
+
+def test_direct_backward_call_checks_the_grad():
+    x, weight, bias = make((2, 3), 8, torch.float32)
+    with pytest.raises(RuntimeError, match=r"alignment_mix_backward: grad must have shape \[2, 3, 8\]"):
+        torch.ops.clm_ext.alignment_mix_backward(torch.ones(2, 8), x, weight, bias, torch.tensor(0.5), [True] * 4)
+    with pytest.raises(RuntimeError, match=r"alignment_mix_backward: bias must have shape \[8\]"):
+        torch.ops.clm_ext.alignment_mix_backward(torch.ones_like(x), x, weight, bias[:2], torch.tensor(0.5), [True] * 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Double backward, the output's aliasing, alpha range, the fold threshold.
+
+
+@pytest.mark.parametrize("alpha_kind", ["per_sequence", "scalar"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradgradcheck(alpha_kind, with_bias):
+    x, weight, bias = make((3, 2), 5, torch.float64, scale=0.5)
+    alpha = per_sequence([-1.0, 0.5, 2.0]) if alpha_kind == "per_sequence" else torch.tensor(1.7, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, weight, bias if with_bias else None, alpha) if t is not None]
+    fn = ops.alignment_mix if with_bias else (lambda x, w, a: ops.alignment_mix(x, w, None, a))
+    assert torch.autograd.gradgradcheck(fn, tuple(args))
+
+
+def test_opcheck_of_the_backward_op_with_its_own_autograd():
+    x, weight, bias = make((2, 3), 8, torch.float64)
+    args = [t.requires_grad_() for t in (torch.randn_like(x), x, weight, bias, per_sequence([0.5, -1.0]))]
+    torch.library.opcheck(torch.ops.clm_ext.alignment_mix_backward.default, (*args, [True] * 4))
+
+
+def test_second_order_grads_equal_the_reference():
+    """A gradient penalty (create_graph=True) through the op gives the eager composition's numbers."""
+    x, weight, bias = make((3, 4), 6, torch.float64, scale=0.5)
+    alpha = per_sequence([-0.5, 1.0, 2.5])
+
+    def penalty_grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, alpha)]
+        out = fn(*leaves)
+        first = torch.autograd.grad((out.sin()).sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g ** 2).sum() for g in first), leaves)
+
+    for got, want in zip(penalty_grads(ops.alignment_mix), penalty_grads(ops.reference_alignment_mix)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_output_is_not_a_view_and_supports_in_place_use():
+    x, weight, bias = make((2, 3), 8, torch.float32)
+    weight.requires_grad_()
+    out = ops.alignment_mix(x, weight, bias, per_sequence([0.5, 2.0], torch.float32))
+    assert out._base is None
+    out.mul_(3.0).add_(1.0)  # what CTRL does to its embeddings (`inputs_embeds *= ...`)
+    out.sum().backward()
+    ref_weight = weight.detach().clone().requires_grad_()
+    (3.0 * ops.reference_alignment_mix(x, ref_weight, bias, per_sequence([0.5, 2.0], torch.float32)) + 1.0).sum().backward()
+    torch.testing.assert_close(weight.grad, ref_weight.grad)
+
+
+def test_alpha_must_be_finite_in_the_ops_float32():
+    x, weight, bias = make((2, 3), 8, torch.float32)
+    with pytest.raises(ValueError, match="alpha must be finite in torch.float32"):
+        ops.alignment_mix(x, weight, bias, 1e300)
+    with pytest.raises(ValueError, match="alpha must be finite in torch.float32"):
+        ops.alignment_mix(x, weight, bias, torch.tensor([1e300, 0.5], dtype=torch.float64))
+    x64, w64, b64 = make((2, 3), 8, torch.float64)  # float64 computes in float64: 1e300 is a number there
+    torch.testing.assert_close(ops.alignment_mix(x64, w64, b64, 1e300), ops.reference_alignment_mix(x64, w64, b64, 1e300))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_python_alpha_on_cuda_does_not_synchronize():
+    x, weight, bias = make((2, 3), 8, torch.float32, "cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.alignment_mix(x, weight, bias, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype,mixes_at", [(torch.bfloat16, 3.0), (torch.float16, 3.0), (torch.float32, 0.5)])
+def test_fold_threshold_per_dtype(dtype, mixes_at):
+    """One alpha folds into W only where that moves fewer bytes than the mixing pass: from rows >= 3.3 d
+    in 16-bit types, from rows >= 0.67 d in float32. Below, a scalar alpha takes the same path (bit for bit)
+    as a per-sequence alpha of equal values; above, the single GEMM."""
+    d = 48
+    x, weight, bias = make((2, int(mixes_at * d) // 2), d, dtype, scale=1.0)
+    mixed = ops.alignment_mix(x, weight, bias, torch.tensor([0.7, 0.7]))
+    assert torch.equal(ops.alignment_mix(x, weight, bias, 0.7), mixed)
+    x, weight, bias = make((2, 2 * d), d, torch.float32, scale=1.0)  # rows = 4 d: folds in every dtype
+    x, weight, bias = (t.to(dtype) for t in (x, weight, bias))
+    wa = (0.7 * weight.float() + 0.3 * torch.eye(d)).to(dtype)
+    folded = torch.addmm((0.7 * bias.float()).to(dtype), x.reshape(-1, d), wa.t()).view_as(x)
+    assert torch.equal(ops.alignment_mix(x, weight, bias, 0.7), folded)

@@ -105,3 +105,94 @@ def test_alpha_length_must_match_batch():
     embed, weight, bias = make(10, 8, torch.float32)
     with pytest.raises(ValueError, match="alpha has 3 values but the batch has 2"):
         ops.embed_alignment_mix(ids_for((2, 4), 10), embed, weight, bias, torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Every entry point checks the ids against the vocabulary: direct op calls and compiled code too.
+
+
+@pytest.mark.parametrize("bad_id", [10, -1, 2**40])
+def test_direct_op_call_rejects_out_of_range_ids(bad_id):
+    embed, weight, bias = make(10, 8, torch.float32)
+    ids = torch.tensor([[0, bad_id, 3]])
+    with pytest.raises(RuntimeError, match=rf"embed_alignment_mix: input_ids must lie in \[0, 10\), got {bad_id}"):
+        torch.ops.clm_ext.embed_alignment_mix(ids, embed, weight, bias, torch.tensor(0.5))
+    grad = torch.ones(1, 3, 8)
+    with pytest.raises(RuntimeError, match=r"embed_alignment_mix_backward: input_ids must lie in \[0, 10\)"):
+        torch.ops.clm_ext.embed_alignment_mix_backward(grad, ids, embed, weight, bias, torch.tensor(0.5), [True] * 4)
+
+
+def test_compiled_call_rejects_out_of_range_ids():
+    """The Python check is skipped while compiling; the kernel's own check still stops a bad id."""
+    embed, weight, bias = make(10, 8, torch.float32)
+    compiled = torch.compile(ops.embed_alignment_mix, backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"input_ids must lie in \[0, 10\), got 12"):
+        compiled(torch.tensor([[0, 12]]), embed, weight, bias, 0.5)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"ids": torch.tensor([[0.0, 1.0]])}, "input_ids must be int64 or int32, got Float"),
+        ({"embed": torch.ones(10)}, r"embed_weight must be 2-D \[vocab, hidden\], got \[10\]"),
+        ({"bias": torch.zeros(2)}, r"bias must have shape \[8\]"),
+        ({"weight": torch.eye(4)}, r"weight must have shape \[8, 8\]"),
+    ],
+)
+def test_direct_op_call_checks_its_inputs(change, match):
+    embed, weight, bias = make(10, 8, torch.float32)
+    args = {"ids": torch.tensor([[0, 1]]), "embed": embed, "weight": weight, "bias": bias}
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.clm_ext.embed_alignment_mix(args["ids"], args["embed"], args["weight"], args["bias"], torch.tensor(0.5))
+
+
+# ------------------------------------------------------------------------------------------------
+# The table's gradient, double backward, the output's aliasing.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_table_grad_accumulates_in_float32(device):
+    """A repeated id sums its rows' grads in float32 and rounds once, not once per add in bfloat16 (on CUDA
+    that was one rounded atomic add per element; CPU's index_add_ already accumulated in float)."""
+    embed, weight, bias = make(4, 16, torch.bfloat16, device)
+    ids = torch.tensor([[1] * 300 + [2] * 200], device=device)
+    alpha = torch.tensor([0.8], device=device)
+    grad = torch.randn(1, 500, 16, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
+    table = embed.clone().requires_grad_()
+    ops.embed_alignment_mix(ids, table, weight, bias, alpha).backward(grad)
+    x = torch.nn.functional.embedding(ids, embed).requires_grad_()  # the same per-row grads, from the op
+    ops.alignment_mix(x, weight, bias, alpha).backward(grad)
+    want = torch.zeros(4, 16, device=device).index_add_(0, ids.reshape(-1), x.grad.reshape(-1, 16).float())
+    # within one bfloat16 rounding of the float32 sum (float atomics on CUDA add in no fixed order)
+    torch.testing.assert_close(table.grad.float(), want, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradgradcheck(with_bias):
+    embed, weight, bias = make(6, 4, torch.float64)
+    ids = torch.tensor([[0, 3, 3], [5, 0, 0]])
+    alpha = torch.tensor([0.5, -1.5], dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (embed, weight, alpha)] + ([bias.requires_grad_()] if with_bias else [])
+
+    def fn(e, w, a, *b):
+        return ops.embed_alignment_mix(ids, e, w, b[0] if b else None, a)
+
+    assert torch.autograd.gradgradcheck(fn, tuple(leaves))
+
+
+def test_opcheck_of_the_backward_op_with_its_own_autograd():
+    embed, weight, _ = make(10, 8, torch.float64)
+    grad = torch.randn(2, 3, 8, dtype=torch.float64).requires_grad_()
+    alpha = torch.tensor([0.5, 2.0], dtype=torch.float64).requires_grad_()
+    args = (grad, ids_for((2, 3), 10), embed.requires_grad_(), weight.requires_grad_(), None, alpha, [True, True, False, True])
+    torch.library.opcheck(torch.ops.clm_ext.embed_alignment_mix_backward.default, args)
+
+
+def test_output_is_not_a_view():
+    embed, weight, bias = make(10, 8, torch.float32)
+    weight.requires_grad_()
+    out = ops.embed_alignment_mix(ids_for((2, 3), 10), embed, weight, bias, 0.5)
+    assert out._base is None
+    out.add_(1.0).sum().backward()
+    assert weight.grad is not None

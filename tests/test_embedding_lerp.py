@@ -49,3 +49,42 @@ def test_aligned_table_must_match():
     embed, _, _ = make(12, 8)
     with pytest.raises(ValueError, match="aligned_weight must match embed_weight"):
         ops.embedding_lerp(torch.tensor([1]), embed, embed[:, :4], 1.0)
+
+
+@pytest.mark.parametrize(
+    "aligned,match",
+    [
+        (lambda e: e[:4], r"aligned_weight must have the shape of embed_weight \[12, 8\], got \[4, 8\]"),
+        (lambda e: e.double(), "aligned_weight has dtype Double, expected Float"),
+    ],
+)
+def test_direct_op_call_checks_the_aligned_table(aligned, match):
+    embed, _, _ = make(12, 8)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.clm_ext.embedding_lerp(torch.tensor([[11, 3]]), embed, aligned(embed), torch.tensor(0.5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_direct_op_call_checks_devices():
+    embed, weight, bias = make(12, 8, device="cuda")
+    aligned = ops.alignment_mix(embed, weight, bias, 1.0)
+    with pytest.raises(RuntimeError, match="aligned_weight is on cpu, expected cuda"):
+        torch.ops.clm_ext.embedding_lerp(torch.tensor([[1, 2]], device="cuda"), embed, aligned.cpu(), torch.tensor(0.5))
+    with pytest.raises(RuntimeError, match="input_ids are on cpu, embed_weight on cuda"):
+        torch.ops.clm_ext.embedding_lerp(torch.tensor([[1, 2]]), embed, aligned, torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("bad_id", [12, -3, 2**40])
+def test_direct_op_call_rejects_out_of_range_ids(bad_id):
+    embed, weight, bias = make(12, 8)
+    aligned = ops.alignment_mix(embed, weight, bias, 1.0)
+    with pytest.raises(RuntimeError, match=rf"embedding_lerp: input_ids must lie in \[0, 12\), got {bad_id}"):
+        torch.ops.clm_ext.embedding_lerp(torch.tensor([[1, bad_id]]), embed, aligned, torch.tensor(0.5))
+
+
+def test_compiled_call_rejects_out_of_range_ids():
+    embed, weight, bias = make(12, 8)
+    aligned = ops.alignment_mix(embed, weight, bias, 1.0)
+    compiled = torch.compile(ops.embedding_lerp, backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"input_ids must lie in \[0, 12\), got 40"):
+        compiled(torch.tensor([[1, 40]]), embed, aligned, 0.5)

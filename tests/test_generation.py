@@ -87,6 +87,19 @@ def test_generate_errors():
         clm_ext.generate(model, tok, PROMPTS, alphas=float("nan"))
 
 
+def test_numpy_and_tensor_scalar_alphas_are_one_alpha():
+    """np.float32 is no Python float: it must still count as one alpha (it failed with "has no len()")."""
+    np = pytest.importorskip("numpy")
+    tok = tiny_tokenizer()
+    model = clm_ext.add_alignment_control(tiny_causal_lm("llama"))
+    _perturb(model)
+    want = clm_ext.generate(model, tok, PROMPTS, alphas=1.5, max_new_tokens=4, do_sample=False)
+    for alpha in (np.float32(1.5), np.float64(1.5), torch.tensor(1.5)):
+        assert clm_ext.generate(model, tok, PROMPTS, alphas=alpha, max_new_tokens=4, do_sample=False) == want
+    sweep = clm_ext.generate(model, tok, PROMPTS[0], alphas=np.array([0.0, 1.5], dtype=np.float32), max_new_tokens=4, do_sample=False)
+    assert sweep == clm_ext.generate(model, tok, PROMPTS[0], alphas=[0.0, 1.5], max_new_tokens=4, do_sample=False)
+
+
 def test_cli_generate_prints_each_alpha_side_by_side(tmp_path, capsys):
     from clm_ext.cli import main
 

@@ -94,13 +94,21 @@ def test_cached_aligned_table_matches_and_follows_updates():
         torch.testing.assert_close(emb(ids), ops.embed_alignment_mix(ids, emb.weight, emb.alignment.weight, emb.alignment.bias, emb.alpha))
 
 
-def test_alpha_survives_dtype_casts_exactly():
+def test_alpha_and_the_float32_layer_survive_dtype_casts_exactly():
+    """model.to(bfloat16) after wrapping casts the table, never the layer (its float32 master weights)."""
     emb = AlignedEmbedding.wrap(_embedding())
+    _perturb(emb, scale=1e-3)  # below bfloat16's spacing near 1: a bf16 round trip would lose it
+    want = emb.alignment.weight.detach().clone()
     emb.set_alpha(0.3)
     emb.to(torch.bfloat16)
     assert emb.alpha.dtype == torch.float32 and emb.alpha.item() == torch.tensor(0.3).item()
-    assert emb.alignment.weight.dtype == torch.bfloat16
-    assert emb(torch.randint(0, 20, (2, 3))).dtype == torch.bfloat16
+    assert emb.weight.dtype == torch.bfloat16
+    assert emb.alignment.weight.dtype == torch.float32 and torch.equal(emb.alignment.weight, want)
+    emb.half()
+    assert emb.weight.dtype == torch.float16 and emb.alignment.weight.dtype == torch.float32
+    assert emb(torch.randint(0, 20, (2, 3))).dtype == torch.float16
+    emb.double()  # a float64 table computes the layer in float64, as wrap() would have made it
+    assert emb.alignment.weight.dtype == torch.float64
 
 
 def test_wrap_errors():
@@ -120,6 +128,8 @@ def test_wrap_errors():
     [
         (float("nan"), ValueError, "finite"),
         (float("inf"), ValueError, "finite"),
+        (1e300, ValueError, "finite in float32"),  # a finite Python float, inf in float32
+        (torch.tensor([0.5, 1e300], dtype=torch.float64), ValueError, "finite in float32"),
         (torch.tensor([0.0, float("nan")]), ValueError, "finite"),
         (True, TypeError, "float"),
         ("1.0", TypeError, "float"),
@@ -149,3 +159,56 @@ def test_expand_alpha_repeats_per_sequence_or_refuses():
     emb.set_alpha(torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="3 values"):
         emb(torch.randint(0, 20, (4, 2)))
+
+
+def test_cached_table_after_a_write_through_data_needs_a_refresh():
+    """Writes through `.data` bypass PyTorch's version counter, so the cache cannot see them by itself
+    (checking W's values every step would cost what the cache saves): refresh_aligned_table() rebuilds it."""
+    emb = AlignedEmbedding.wrap(_embedding(), cache_aligned_table=True)
+    ids = torch.randint(0, 20, (2, 5))
+    emb.set_alpha(1.0)
+    with torch.no_grad():
+        emb(ids)
+        new = torch.eye(8) + 0.5 * torch.randn(8, 8)
+        emb.alignment.weight.data.copy_(new)
+        emb.refresh_aligned_table()
+        want = ops.reference_embed_alignment_mix(ids, emb.weight, new, emb.alignment.bias, 1.0)
+        torch.testing.assert_close(emb(ids), want)
+
+
+@pytest.mark.parametrize("options", [{"padding_idx": 0}, {"scale_grad_by_freq": True}, {"sparse": True}])
+def test_a_trained_table_honours_the_embeddings_gradient_options(options):
+    """padding_idx, scale_grad_by_freq and sparse shape the table's gradient exactly as nn.Embedding does."""
+    torch.manual_seed(0)
+    emb = AlignedEmbedding.wrap(nn.Embedding(20, 8, **options))
+    _perturb(emb, scale=0.3)
+    emb.weight.requires_grad_(True)
+    ids = torch.tensor([[0, 3, 3, 5], [0, 0, 7, 3]])
+    alpha = torch.tensor([0.5, 2.0])
+    emb.set_alpha(alpha)
+    grad = torch.randn(2, 4, 8)
+    emb(ids).backward(grad)
+    plain = nn.Embedding(20, 8, **options)
+    with torch.no_grad():
+        plain.weight.copy_(emb.weight)
+    ops.reference_alignment_mix(plain(ids), emb.alignment.weight.detach(), emb.alignment.bias.detach(), alpha).backward(grad)
+    assert emb.weight.grad.is_sparse == plain.weight.grad.is_sparse
+    torch.testing.assert_close(emb.weight.grad.to_dense(), plain.weight.grad.to_dense())
+    if "padding_idx" in options:
+        assert torch.equal(emb.weight.grad[0], torch.zeros(8))
+
+
+def test_logits_mode_runs_the_layer_on_the_aligned_half_only(monkeypatch):
+    """The unaligned stream has alpha 0: a plain lookup, no d x d GEMM (nor dW) over its rows."""
+    emb = AlignedEmbedding.wrap(_embedding(), mode="logits")
+    _perturb(emb, scale=0.3)
+    ids = torch.randint(0, 20, (6, 5))
+    rows_seen = []
+    fused = ops.embed_alignment_mix
+    monkeypatch.setattr(ops, "embed_alignment_mix", lambda i, *a: rows_seen.append(i.shape[0]) or fused(i, *a))
+    emb._stream_rows = 6
+    out = emb(ids)
+    assert rows_seen == [3]
+    assert torch.equal(out[:3], nn.functional.embedding(ids[:3], emb.weight))
+    want = ops.reference_embed_alignment_mix(ids[3:], emb.weight, emb.alignment.weight, emb.alignment.bias, 1.0)
+    torch.testing.assert_close(out[3:], want)

@@ -153,6 +153,16 @@ def test_bf16_alpha_zero_is_the_base_model():
     assert _logits(model, ids).dtype == torch.bfloat16
 
 
+def test_casting_a_wrapped_model_to_bf16_keeps_the_layer_float32():
+    model = clm_ext.add_alignment_control(tiny_causal_lm("llama"))
+    clm_ext.set_alpha(model, 1e300 / 1e270)  # 1e30: large but finite in float32
+    with pytest.raises(ValueError, match="finite in float32"):
+        clm_ext.set_alpha(model, 1e300)
+    model.to(torch.bfloat16)
+    assert alignment_layer(model).weight.dtype == torch.float32
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
 def test_bf16_model_trains_a_float32_layer():
     """Updates far below bfloat16's spacing near 1 (~0.004) must reach the layer's diagonal."""
     model = clm_ext.add_alignment_control(tiny_causal_lm("llama").to(torch.bfloat16))

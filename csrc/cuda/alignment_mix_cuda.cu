@@ -31,10 +31,11 @@ __device__ __forceinline__ void store(T* p, const Pack<T, N>& v) {
 }
 
 // out[r] = base[src(r)] + a * (other[src(r)] + bias - base[src(r)]), src(r) = ids ? ids[r] : r.
-// `mix` is the case other == out (in place, ids == nullptr); `gather_lerp` has ids and no bias.
+// `mix` is the case other == out (in place, ids == nullptr); `gather_lerp` has ids (each asserted to lie
+// in [0, vocab)) and no bias.
 template <typename scalar_t, int N>
 __global__ void lerp_rows_kernel(scalar_t* out, const scalar_t* base, const scalar_t* other,
-                                 const scalar_t* __restrict__ bias, const int64_t* __restrict__ ids,
+                                 const scalar_t* __restrict__ bias, const int64_t* __restrict__ ids, int64_t vocab,
                                  const at::opmath_type<scalar_t>* __restrict__ alpha, int64_t rows_per_alpha,
                                  int64_t d, int64_t packs) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -43,7 +44,9 @@ __global__ void lerp_rows_kernel(scalar_t* out, const scalar_t* base, const scal
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / packs_per_row;
     const int64_t c = (i - r * packs_per_row) * N;
-    const int64_t src = (ids != nullptr ? ids[r] : r) * d + c;
+    const int64_t row = ids != nullptr ? ids[r] : r;
+    CUDA_KERNEL_ASSERT(ids == nullptr || (row >= 0 && row < vocab));
+    const int64_t src = row * d + c;
     const opmath_t a = alpha[r / rows_per_alpha];
     const Pack<scalar_t, N> xb = load<scalar_t, N>(base + src);
     const Pack<scalar_t, N> xo = load<scalar_t, N>(other + src);
@@ -119,23 +122,23 @@ int64_t blocks_for(int64_t work) { return std::max<int64_t>(1, std::min((work + 
 
 template <typename scalar_t, int N>
 void launch_lerp_rows(scalar_t* out, const scalar_t* base, const scalar_t* other, const scalar_t* bias,
-                      const int64_t* ids, const at::opmath_type<scalar_t>* alpha, int64_t rows_per_alpha,
-                      int64_t rows, int64_t d) {
+                      const int64_t* ids, int64_t vocab, const at::opmath_type<scalar_t>* alpha,
+                      int64_t rows_per_alpha, int64_t rows, int64_t d) {
   const int64_t packs = rows * d / N;
   lerp_rows_kernel<scalar_t, N><<<blocks_for(packs), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      out, base, other, bias, ids, alpha, rows_per_alpha, d, packs);
+      out, base, other, bias, ids, vocab, alpha, rows_per_alpha, d, packs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
 void lerp_rows(scalar_t* out, const scalar_t* base, const scalar_t* other, const scalar_t* bias,
-               const int64_t* ids, const at::opmath_type<scalar_t>* alpha, int64_t rows_per_alpha, int64_t rows,
-               int64_t d) {
+               const int64_t* ids, int64_t vocab, const at::opmath_type<scalar_t>* alpha, int64_t rows_per_alpha,
+               int64_t rows, int64_t d) {
   constexpr int wide = 16 / sizeof(scalar_t);
   if (pack_width<scalar_t>(d, {out, base, other, bias}) == wide) {
-    launch_lerp_rows<scalar_t, wide>(out, base, other, bias, ids, alpha, rows_per_alpha, rows, d);
+    launch_lerp_rows<scalar_t, wide>(out, base, other, bias, ids, vocab, alpha, rows_per_alpha, rows, d);
   } else {
-    launch_lerp_rows<scalar_t, 1>(out, base, other, bias, ids, alpha, rows_per_alpha, rows, d);
+    launch_lerp_rows<scalar_t, 1>(out, base, other, bias, ids, vocab, alpha, rows_per_alpha, rows, d);
   }
 }
 
@@ -144,7 +147,7 @@ void mix_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& bias, cons
   const c10::cuda::CUDAGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "clm_ext_mix_cuda", [&] {
     lerp_rows<scalar_t>(out.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, nullptr,
+                        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, nullptr, out.size(0),
                         alpha.const_data_ptr<at::opmath_type<scalar_t>>(), rows_per_alpha, out.size(0),
                         out.size(1));
   });
@@ -155,7 +158,7 @@ void gather_lerp_cuda(at::Tensor& out, const at::Tensor& ids, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "clm_ext_gather_lerp_cuda", [&] {
     lerp_rows<scalar_t>(out.data_ptr<scalar_t>(), base.const_data_ptr<scalar_t>(),
-                        aligned.const_data_ptr<scalar_t>(), nullptr, ids.const_data_ptr<int64_t>(),
+                        aligned.const_data_ptr<scalar_t>(), nullptr, ids.const_data_ptr<int64_t>(), base.size(0),
                         alpha.const_data_ptr<at::opmath_type<scalar_t>>(), rows_per_alpha, out.size(0),
                         out.size(1));
   });
