@@ -28,13 +28,16 @@ CONFIG_KEY = "clm_alignment"  # in config.json: {"default_alpha": ..., "layer": 
 INDEX_NAME = "model.safetensors.index.json"
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the per-token alpha buffer is float32
+
+
 def check_alpha(value, name: str = "alpha") -> float:
-    """A request's alpha as a float: a finite real number (bools and strings refused)."""
+    """A request's alpha as a float: a real number finite in float32 (bools and strings refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise ValueError(f"{name} must be finite (in float32), got {value}")
     return value
 
 

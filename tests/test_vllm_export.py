@@ -92,7 +92,7 @@ def test_unsupported_architecture_and_mismatched_layer_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("argv_tail, message", [
-    (["--default-alpha", "nan"], "clm export-vllm: --default-alpha must be finite, got nan"),
+    (["--default-alpha", "nan"], "clm export-vllm: --default-alpha must be finite (in float32), got nan"),
     (["--alignment", "/nonexistent"], "clm export-vllm: load_alignment: /nonexistent is not a saved alignment layer"),
 ])
 def test_cli_errors_are_one_line(tmp_path, argv_tail, message):

@@ -24,6 +24,7 @@ def test_top_level_alpha_moves_into_vllm_xargs():
 @pytest.mark.parametrize("body, param", [
     ({"alpha": "1"}, "alpha"), ({"alpha": True}, "alpha"), ({"alpha": None}, "alpha"),
     ({"alpha": math.inf}, "alpha"), ({"vllm_xargs": {"alpha": math.nan}}, "vllm_xargs.alpha"),
+    ({"alpha": 1e300}, "alpha"),  # finite as a Python float, inf in the float32 alpha buffer
     ({"alpha": 1, "vllm_xargs": {"alpha": 2}}, "alpha"),
 ])
 def test_bad_alphas_name_their_field(body, param):

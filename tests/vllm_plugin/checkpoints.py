@@ -1,10 +1,20 @@
-"""Tiny random checkpoints for the vLLM plugin tests: a base model with a tokenizer, a trained-looking
-alignment layer (identity plus noise), and the exported directory. Nothing is downloaded."""
+"""Tiny random checkpoints for the vLLM plugin tests (they need .venv-vllm: `./run test-vllm`; each test
+module skips itself without vLLM): a base model with a tokenizer, a trained-looking alignment layer
+(identity plus noise), the exported directory, and the `exported` fixture. Nothing is downloaded.
+
+vLLM runs in the test process (VLLM_ENABLE_V1_MULTIPROCESSING=0), with a 1 GiB KV cache, so the tests can
+reach the engine's hooks and the machine's shared memory is spared. (No conftest.py here: a second
+module named `conftest` would shadow tests/conftest.py for `from conftest import ...`.)
+"""
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import clm_ext
 from clm_ext.vllm_export import export_for_vllm
@@ -55,3 +65,9 @@ def make(root: str, arch: str = "llama") -> dict:
     clm_ext.save_alignment(model, paths["alignment"])
     export_for_vllm(paths["base"], paths["alignment"], paths["exported"])
     return {**paths, "model": model}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """arch -> {"base", "alignment", "exported", "model"} (tiny random Llama and tied-embedding Qwen2)."""
+    return {arch: make(str(tmp_path_factory.mktemp(arch)), arch) for arch in ("llama", "qwen2")}

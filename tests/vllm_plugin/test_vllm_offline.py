@@ -4,6 +4,7 @@ alphas; a bad alpha is refused; a forward whose alphas were not written raises."
 import math
 
 import pytest
+from checkpoints import exported  # noqa: F401  (the fixture; sets vLLM's environment first)
 
 vllm = pytest.importorskip("vllm", reason="needs vLLM: ./run test-vllm")
 import torch  # noqa: E402

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from checkpoints import exported  # noqa: F401  (the fixture; sets vLLM's environment first)
 
 pytest.importorskip("vllm", reason="needs vLLM: ./run test-vllm")
 import torch  # noqa: E402
