@@ -70,16 +70,17 @@ def _hook_input_processor() -> None:
     ours = set(ARCHITECTURES.values())
 
     @functools.wraps(process_inputs)
-    def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
+    def _process_inputs(self, *args, **kwargs):
+        params = kwargs["params"] if "params" in kwargs else args[2] if len(args) > 2 else None
         archs = getattr(self.model_config.hf_config, "architectures", None) or []
         if not (isinstance(params, SamplingParams) and ours.intersection(archs)):
-            return process_inputs(self, request_id, prompt, params, *args, **kwargs)
+            return process_inputs(self, *args, **kwargs)
         try:
             alpha = request_alpha(params, self.model_config.hf_config.clm_alignment["default_alpha"])
         except ValueError as err:
             raise VLLMValidationError(str(err), parameter="vllm_xargs.alpha",
                                       value=(params.extra_args or {}).get("alpha")) from None
-        request = process_inputs(self, request_id, prompt, params, *args, **kwargs)
+        request = process_inputs(self, *args, **kwargs)
         request.cache_salt = cache_salt(alpha, request.cache_salt)
         return request
 
