@@ -237,13 +237,14 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
         embedding.reset_alignment()
         embedding.cache_aligned_table = cache_aligned_table
         embedding._table, embedding._table_key = None, None
+        embedding._token_alpha = None
         return embedding
 
     def unwrap(self) -> nn.Embedding:
         """Turn the module back into its original class (the layer is dropped)."""
         del self.alignment
         for name in ("mode", "_alpha", "_stream_rows", "_forward_params", "_labels", "_two_stream_hook_ids",
-                     "cache_aligned_table", "_table", "_table_key"):
+                     "cache_aligned_table", "_table", "_table_key", "_token_alpha"):
             self.__dict__.pop(name, None)
         self.__class__ = self._base_class
         return self
@@ -261,7 +262,23 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
         scale = getattr(self, "embed_scale", None)
         return h if scale is None else h * scale.to(self.weight.dtype)
 
+    def set_token_alpha(self, alpha: Optional[Tensor]) -> None:
+        """One alpha per token for the next forward only (None clears it): a continuous-batching engine packs
+        many requests into one row [1, T], so each token takes its own request's alpha (clm_ext.serve)."""
+        if alpha is None:
+            self._token_alpha = None
+            return
+        if self.mode != "embed":
+            raise RuntimeError("a per-token alpha needs mode 'embed' (mode 'logits' runs two streams per sequence)")
+        alpha = as_alpha(alpha, "token alpha")
+        if alpha.dim() != 1:
+            raise ValueError(f"token alpha must be 1-D, one value per token, got shape {tuple(alpha.shape)}")
+        self._token_alpha = alpha.to(self.weight.device)
+
     def forward(self, input_ids: Tensor) -> Tensor:
+        token_alpha, self._token_alpha = getattr(self, "_token_alpha", None), None
+        if token_alpha is not None:
+            return self._forward_per_token(input_ids, token_alpha)
         if input_ids.dim() > 1 and self.mode == "logits":
             return self._scale(self._two_stream_rows(input_ids))
         alpha = self.row_alpha(input_ids.shape[0], self.weight.device) if input_ids.dim() > 1 else self.user_alpha(
@@ -313,6 +330,15 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
             for child in self.children():
                 child._apply(keep_float32)
         return self
+
+    def _forward_per_token(self, input_ids: Tensor, alpha: Tensor) -> Tensor:
+        if alpha.shape[0] != input_ids.numel():
+            raise ValueError(
+                f"the token alpha set for this forward has {alpha.shape[0]} values but the input has "
+                f"{input_ids.numel()} tokens (shape {tuple(input_ids.shape)})"
+            )
+        h = self._mix(input_ids.reshape(-1, 1), alpha)  # one row per token: the per-row alpha is per token
+        return self._scale(h.reshape(*input_ids.shape, -1))
 
     def _layer_in_table_dtype(self) -> tuple:
         """(W, b) in the table's dtype: the fused op computes in one dtype; the cast is differentiable."""

@@ -10,6 +10,7 @@ COMMANDS = {
     "merge": "Fold the alignment layer into a plain transformers model for one alpha.",
     "demo": "The end-to-end demo: tiny model, VADER-judged preferences, DPO, alpha sweep.",
     "bench": "Run one of the benchmark scripts.",
+    "serve": "Serve the model over an OpenAI-compatible API, with an alpha per request.",
     "export-vllm": "Write a checkpoint that vLLM serves with the clm-ext plugin (per-request alpha).",
 }
 

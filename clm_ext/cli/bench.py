@@ -1,4 +1,4 @@
-"""`clm bench op|generate|dpo|plot [args]`: run one of the benchmark scripts of the checkout.
+"""`clm bench op|generate|dpo|serve|plot [args]`: run one of the benchmark scripts of the checkout.
 
 The scripts live in the repository's benchmarks/ folder, not in the installed package, so this command
 works from a source checkout (an editable install) and says so when the folder is missing.
@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = {"op": "bench_op.py", "generate": "bench_generate.py", "dpo": "bench_dpo.py", "plot": "plot.py"}
+SCRIPTS = {"op": "bench_op.py", "generate": "bench_generate.py", "dpo": "bench_dpo.py", "serve": "bench_serve.py",
+           "plot": "plot.py"}
 
 
 def benchmarks_dir() -> Path:

@@ -1,0 +1,128 @@
+"""`clm serve`: an OpenAI-compatible server where every request sets its own alpha (clm_ext.serve)."""
+from __future__ import annotations
+
+import math
+import socket
+import sys
+from pathlib import Path
+
+from ..sources import DEFAULT_MODEL
+
+# The real demo's trained layer, served by default with the default model when the checkout has it.
+DEMO_LAYER = Path(__file__).resolve().parents[2] / "docs" / "demo" / "smollm2-layer"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a checkpoint directory, a .gguf file or a packaged model (default {DEFAULT_MODEL})")
+    parser.add_argument("--alignment", help="a trained layer (save_alignment / clm train); default: the demo's "
+                        "trained layer for the default model when present, else the identity (alpha has no effect)")
+    parser.add_argument("--served-model-name", help="the name clients send as 'model' (default: the --model name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--alpha-default", type=float, default=1.0, help="alpha of a request that sets none")
+    parser.add_argument("--alpha-range", default="-2,4", help="accepted alphas, LOW,HIGH (default -2,4)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests in flight (running or waiting) before new ones get HTTP 429 (default 64)")
+    parser.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per forward (default 256)")
+    parser.add_argument("--cache-blocks", type=int, default=128,
+                        help="paged KV cache size in pages of --page-size tokens (default 128)")
+    parser.add_argument("--page-size", type=int, default=64, help="tokens per cache page (default 64)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def _alpha_range(text: str) -> tuple:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"clm serve: --alpha-range must be LOW,HIGH (two numbers), got {text!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise SystemExit(f"clm serve: --alpha-range must be finite with LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def _check_args(args) -> tuple:
+    alpha_range = _alpha_range(args.alpha_range)
+    if not (math.isfinite(args.alpha_default) and alpha_range[0] <= args.alpha_default <= alpha_range[1]):
+        raise SystemExit(f"clm serve: --alpha-default {args.alpha_default} is outside --alpha-range {args.alpha_range}")
+    for name in ("max_queue", "max_batch_tokens", "cache_blocks", "page_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"clm serve: --{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.port < 65536:
+        raise SystemExit(f"clm serve: --port must be in [0, 65535], got {args.port}")
+    with socket.socket() as s:  # fail before loading the model, not after
+        try:
+            s.bind((args.host, args.port))
+        except OSError as e:
+            raise SystemExit(f"clm serve: cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    return alpha_range
+
+
+def _alignment_dir(args):
+    if args.alignment:
+        if not Path(args.alignment).is_dir():
+            raise SystemExit(f"clm serve: --alignment {args.alignment} is not a directory")
+        return args.alignment
+    if args.model == DEFAULT_MODEL and DEMO_LAYER.is_dir():
+        return str(DEMO_LAYER)
+    return None
+
+
+def run(args) -> int:
+    import asyncio
+
+    import torch
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import clm_ext
+    from clm_ext.serve.app import create_app
+    from clm_ext.serve.batch_hooks import RequestSpec
+    from clm_ext.serve.engine import Engine, EngineConfig
+    from clm_ext.serve.protocol import Limits
+    from clm_ext.sources import ModelSourceError, resolve_model
+
+    alpha_range = _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    alignment = _alignment_dir(args)
+    try:
+        model_dir = resolve_model(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    except (ModelSourceError, OSError, ValueError) as e:
+        raise SystemExit(f"clm serve: cannot load --model {args.model}: {e}".splitlines()[0]) from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    try:
+        if alignment:
+            clm_ext.load_alignment(model, alignment)
+        else:
+            clm_ext.add_alignment_control(model)
+        config = EngineConfig(max_queue=args.max_queue, page_size=args.page_size, num_blocks=args.cache_blocks,
+                              max_batch_tokens=args.max_batch_tokens)
+        engine = Engine(model, tokenizer, config)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"clm serve: {e}") from None
+    described = alignment or "identity (no trained layer: every alpha gives the base model)"
+    name = args.served_model_name or (args.model if args.model == DEFAULT_MODEL else Path(args.model).name)
+    limits = Limits(model_name=name, alpha_default=args.alpha_default, alpha_range=alpha_range,
+                    max_context=engine.max_context)
+
+    async def warm_up():  # the engine's first request pays its set-up: do it before serving
+        async for _ in engine.generate(tokenizer("warm up")["input_ids"], RequestSpec(alpha=0.0), 2):
+            pass
+
+    asyncio.run(warm_up())
+    print(f"clm serve: model {name!r} from {model_dir} on {device}; alignment: {described}; alpha default "
+          f"{args.alpha_default:g}, range [{alpha_range[0]:g}, {alpha_range[1]:g}]; up to {engine.max_context} "
+          f"tokens per request, --max-queue {args.max_queue}; http://{args.host}:{args.port}/v1", file=sys.stderr,
+          flush=True)
+    try:
+        uvicorn.run(create_app(engine, limits, described), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0
