@@ -1,9 +1,11 @@
 """Builds clm_ext._C against the installed torch: C++ kernels always, CUDA kernels where possible.
+The package itself (metadata, dependencies, the `clm` command) is described in pyproject.toml.
 
 Environment:
   CLM_EXT_CUDA=auto|1|0   build the CUDA kernels when a CUDA toolkit and a CUDA torch are present
                           (auto, the default), always (1: fail if that is impossible), or never (0).
-  TORCH_CUDA_ARCH_LIST    GPU architectures, default "8.0;9.0" (sm_80 and sm_90).
+  TORCH_CUDA_ARCH_LIST    GPU architectures, default "8.0;9.0+PTX": sm_80 and sm_90 binaries, plus sm_90 PTX
+                          that the driver compiles for newer GPUs (without it they fail with "no kernel image").
   CLM_EXT_DEBUG=1         -O0 -g builds.
 """
 import glob
@@ -11,10 +13,10 @@ import os
 import sysconfig
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def build_cuda() -> bool:
@@ -43,7 +45,7 @@ def extension():
     cxx = opt + ["-fopenmp", "-std=c++20", "-Wno-psabi"]
     if not build_cuda():
         return CppExtension("clm_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     return CUDAExtension(
         "clm_ext._C",
         sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
@@ -54,29 +56,6 @@ def extension():
 
 
 setup(
-    name="clm-ext",
-    version="0.1.0",
-    description="An alignment dial for Hugging Face causal language models (CLM), with fused C++/CUDA ops",
-    packages=find_packages(include=["clm_ext", "clm_ext.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.6",
-        "transformers>=4.56",
-        "trl>=1.16,<1.17",
-        "safetensors",
-        "accelerate",
-        "datasets",
-        "tqdm",
-    ],
-    extras_require={
-        "demo": ["vaderSentiment", "matplotlib"],
-        "test": ["pytest", "peft", "vaderSentiment", "matplotlib"],
-    },
-    entry_points={
-        "console_scripts": ["clm=clm_ext.cli:main"],
-        # Loaded by vLLM in each of its processes where clm-ext is installed beside it (clm_ext/vllm).
-        "vllm.general_plugins": ["clm_ext = clm_ext.vllm:register"],
-    },
 )

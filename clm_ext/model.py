@@ -8,23 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
-import shutil
-import tempfile
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from . import storage
 from .layer import MODES, AlignedEmbedding, AlignmentBlock, AlignmentSite, as_alpha
 
 LAYERS = ("linear", "block")
 BLOCK_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma")
-WEIGHTS_NAME = "alignment.safetensors"
-CONFIG_NAME = "alignment_config.json"
-FORMAT_VERSION = 1
-
 
 
 def _version() -> str:
@@ -112,7 +106,8 @@ def add_alignment_control(
     return model
 
 
-def _add_block(model: nn.Module, config, mode: str) -> AlignmentBlock:
+def _decoder_blocks(model: nn.Module, config) -> tuple:
+    """The decoder and its nn.ModuleList of blocks, for the model types layer="block" supports."""
     model_type = getattr(config, "model_type", None)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     blocks = getattr(decoder, "layers", None)
@@ -121,6 +116,11 @@ def _add_block(model: nn.Module, config, mode: str) -> AlignmentBlock:
             f"layer='block' supports model types {BLOCK_MODEL_TYPES}, got {model_type!r}; "
             "use layer='linear', which works for any model with an nn.Embedding input embedding"
         )
+    return decoder, blocks
+
+
+def _add_block(model: nn.Module, config, mode: str) -> AlignmentBlock:
+    decoder, blocks = _decoder_blocks(model, config)
     site = AlignmentBlock(blocks[0], cache_index=config.num_hidden_layers, mode=mode)
     decoder.alignment_block = site
     blocks[0].register_forward_pre_hook(site.hook, with_kwargs=True)
@@ -159,14 +159,13 @@ def alignment_strength(model: nn.Module, alpha) -> Iterator[nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Save / load: safetensors + JSON, never pickle.
+# Save / load: safetensors + JSON, never pickle (the files and their atomic swap: clm_ext.storage).
 
 
 def _describe(model: nn.Module, site: AlignmentSite) -> dict:
     config = _text_config(model)
     params = list(site.trainable().parameters())
     return {
-        "format_version": FORMAT_VERSION,
         "clm_ext_version": _version(),
         "model_type": getattr(config, "model_type", None),
         "hidden_size": config.hidden_size,
@@ -178,65 +177,35 @@ def _describe(model: nn.Module, site: AlignmentSite) -> dict:
 
 
 def save_alignment(model: nn.Module, directory: str) -> str:
-    """Write the alignment layer (alignment.safetensors) and alignment_config.json to `directory`.
+    """Write the alignment layer (safetensors) and alignment_config.json to `directory`; returns its path.
 
-    Written to a temporary directory beside it and moved into place, so `directory` is never half-written.
-    An existing alignment directory is replaced; any other non-empty directory is refused.
+    A reader, or a kill at any moment, sees the previous layer or the new one, never a mix or none
+    (clm_ext.storage). A previous layer there is replaced; other files beside it are left alone; a
+    non-empty directory that holds no layer is refused. A symlink to a directory is followed.
     """
-    from safetensors.torch import save_file
-
     site = _site(model, "save_alignment")
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory):
-        if not os.path.isdir(directory):
-            raise FileExistsError(f"save_alignment: {directory} exists and is not a directory")
-        if os.listdir(directory) and not os.path.exists(os.path.join(directory, CONFIG_NAME)):
-            raise FileExistsError(
-                f"save_alignment: {directory} is a non-empty directory that holds no alignment layer; "
-                "choose a new or empty directory"
-            )
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in site.trainable().state_dict().items()}
-        info = _describe(model, site)
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "layer": info["layer"]})
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(info, f, indent=2)
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-            os.replace(directory, os.path.join(old, "d"))
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    state = {k: v.detach().to("cpu").contiguous() for k, v in site.trainable().state_dict().items()}
+    return storage.write_layer(directory, state, _describe(model, site))
 
 
 def read_alignment_config(directory: str) -> dict:
-    """The JSON config of a saved alignment layer (clear error if `directory` is not one)."""
-    path = os.path.join(os.fspath(directory), CONFIG_NAME)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(os.fspath(directory), WEIGHTS_NAME)):
-        raise FileNotFoundError(
-            f"load_alignment: {directory} is not a saved alignment layer (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
-        )
-    with open(path) as f:
-        return json.load(f)
+    """The JSON config of a saved alignment layer (clear error, naming the file, if `directory` is not one)."""
+    return storage.read_config(directory)
 
 
 def load_alignment(model: nn.Module, directory: str, mode: Optional[str] = None) -> nn.Module:
     """Load a saved alignment layer into `model` (wrapping it first, with the saved layer kind and mode, if
     it has no layer yet; `mode` overrides the saved mode then). Returns `model`.
 
-    Raises ValueError when the layer does not fit: another model type, hidden size or layer kind.
+    Raises ValueError when the files are malformed (naming the file) or the layer does not fit: another
+    model type, hidden size, layer kind or tensor shape, NaN/inf or integer weights. Everything is checked
+    before the model is touched, so a failed load leaves it as it was.
     """
-    from safetensors.torch import load_file
-
-    info = read_alignment_config(directory)
+    info, state = storage.read_layer(directory)
+    config_path = os.path.join(os.fspath(directory), storage.CONFIG_NAME)
+    for key, allowed in (("layer", LAYERS), ("mode", MODES)):
+        if info[key] not in allowed:
+            raise ValueError(f"load_alignment: {config_path} has {key}={info[key]!r}, expected one of {allowed}")
     config = _text_config(model)
     for key, have in (("model_type", getattr(config, "model_type", None)), ("hidden_size", config.hidden_size)):
         if info.get(key) != have:
@@ -245,31 +214,41 @@ def load_alignment(model: nn.Module, directory: str, mode: Optional[str] = None)
                 f"the model has {key}={have!r}"
             )
     site = alignment_site(model)
-    if site is None:
-        add_alignment_control(model, mode=mode or info["mode"], layer=info["layer"])
-        site = alignment_site(model)
-    elif mode is not None and mode != site.mode:
+    if site is not None and mode is not None and mode != site.mode:
         raise ValueError(
             f"load_alignment: mode={mode!r} was asked for but the model is already wrapped in mode {site.mode!r}"
         )
-    elif site.layer_kind != info["layer"]:
+    if site is not None and site.layer_kind != info["layer"]:
         raise ValueError(
             f"load_alignment: {directory} holds a layer={info['layer']!r} alignment layer, the model has "
             f"layer={site.layer_kind!r}"
         )
-    target = site.trainable()
-    state = load_file(os.path.join(os.fspath(directory), WEIGHTS_NAME))
-    expected = target.state_dict()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+    expected = _layer_shapes(model, site, info["layer"])
+    if {k: tuple(v.shape) for k, v in state.items()} != expected:
         raise ValueError(
             f"load_alignment: the tensors in {directory} do not fit the model's alignment layer "
             f"(saved {sorted((k, tuple(v.shape)) for k, v in state.items())[:4]}..., expected "
-            f"{sorted((k, tuple(v.shape)) for k, v in expected.items())[:4]}...)"
+            f"{sorted(expected.items())[:4]}...)"
         )
+    if site is None:
+        add_alignment_control(model, mode=mode or info["mode"], layer=info["layer"])
+        site = alignment_site(model)
     with torch.no_grad():
-        for key, value in expected.items():
+        for key, value in site.trainable().state_dict().items():
             value.copy_(state[key])
     return model
+
+
+def _layer_shapes(model: nn.Module, site: Optional[AlignmentSite], layer: str) -> dict:
+    """The tensor shapes of the alignment layer the model has, or would get from add_alignment_control."""
+    if site is not None:
+        module = site.trainable()
+    elif layer == "linear":
+        d = model.get_input_embeddings().embedding_dim
+        return {"weight": (d, d), "bias": (d,)}
+    else:
+        module = _decoder_blocks(model, _text_config(model))[1][0]  # the new block is a copy of block 0
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -105,3 +105,7 @@ def pytest_configure(config):
         "markers", "slow: loads a real pretrained model (seconds to minutes); `./run test` runs them, "
         "`-m 'not slow'` skips them"
     )
+    config.addinivalue_line(
+        "markers", "build: builds and installs the package in fresh virtual environments (minutes); `./run test` "
+        "runs them, `-m 'not build'` skips them"
+    )

@@ -250,7 +250,9 @@ def test_save_is_atomic_and_never_clobbers_other_directories(tmp_path):
     _perturb(model)
     clm_ext.save_alignment(model, target)  # replaces a previous save
     assert sorted(os.listdir(tmp_path)) == ["layer"]  # no temporary directory left behind
-    assert sorted(os.listdir(target)) == ["alignment.safetensors", "alignment_config.json"]
+    names = sorted(os.listdir(target))  # the lock, one weights file (the old one deleted), the config
+    assert len(names) == 3 and names[0] == ".alignment.lock" and names[2] == "alignment_config.json"
+    assert names[1].startswith("alignment-") and names[1].endswith(".safetensors")
     other = tmp_path / "checkpoint"
     other.mkdir()
     (other / "model.safetensors").write_text("precious")

@@ -94,3 +94,10 @@ def test_invalid_json_and_missing_columns(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(PreferenceDataError, match="empty"):
         load_preferences(str(tmp_path / "empty.jsonl"))
+
+
+def test_invalid_utf8_is_named_by_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(PLAIN[0]).encode() + b"\n\n" + json.dumps(PLAIN[0]).replace("cat", "caf\xe9").encode("latin-1") + b"\n")
+    with pytest.raises(PreferenceDataError, match=r"line 3 is not valid UTF-8"):
+        load_preferences(str(path))

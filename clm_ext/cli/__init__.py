@@ -15,8 +15,17 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (the usage itself is one `--help` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="clm", description="clm-ext: an alignment dial for Hugging Face causal LMs.")
+    """Run one command; bad input (ValueError, OSError) ends in one line on stderr and exit code 2, not a
+    traceback."""
+    parser = _Parser(prog="clm", description="clm-ext: an alignment dial for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = (argv if argv is not None else sys.argv[1:])[:1]
     for name, help_text in COMMANDS.items():
@@ -24,7 +33,16 @@ def main(argv=None) -> int:
         if chosen == [name]:
             importlib.import_module(f"clm_ext.cli.{name.replace('-', '_')}").add_arguments(p)
     args = parser.parse_args(argv)
-    return importlib.import_module(f"clm_ext.cli.{args.command.replace('-', '_')}").run(args) or 0
+    try:
+        return importlib.import_module(f"clm_ext.cli.{args.command.replace('-', '_')}").run(args) or 0
+    except (ValueError, OSError) as e:
+        print(f"clm {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
 
 
 if __name__ == "__main__":

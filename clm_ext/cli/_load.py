@@ -19,6 +19,9 @@ def load_model(args, mode=None):
 
     import clm_ext
 
+    from ._checks import check_model_dir
+
+    check_model_dir(args.command, args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
     if args.alignment:
         clm_ext.load_alignment(model, args.alignment, mode=mode)

@@ -1,12 +1,18 @@
 """`clm demo`: the end-to-end demo (see clm_ext.demo.pipeline)."""
+import math
 import os
+
+from ._checks import add_force_argument, check_out, positive_float
 
 
 def _floats(text: str) -> tuple:
     try:
-        return tuple(float(x) for x in text.split(","))
+        values = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--alphas: expected comma-separated numbers, got {text!r}") from None
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"--alphas: expected comma-separated finite numbers, got {text!r}")
+    return values
 
 
 def _learning_rates(items: list) -> dict:
@@ -19,12 +25,15 @@ def _learning_rates(items: list) -> dict:
             out[key] = float(value)
         except ValueError:
             raise ValueError(f"--lr: {item!r} has no number after '='") from None
+        if not (math.isfinite(out[key]) and out[key] > 0):
+            raise ValueError(f"--lr: {item!r} must be a finite number > 0")
     return out
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke-test size (under a minute on an idle CPU core; the test budget is 3 minutes)")
-    parser.add_argument("--out", default="clm-demo-out", help="output directory (default: ./clm-demo-out)")
+    parser.add_argument("--out", default="clm-demo-out", help="a new or empty output directory (default: ./clm-demo-out)")
+    add_force_argument(parser)
     parser.add_argument("--model", help="a local checkpoint directory to align instead of the demo's tiny model "
                         "(needs --dataset)")
     parser.add_argument("--dataset", help="a preference set (.jsonl or datasets directory) for --model")
@@ -37,7 +46,7 @@ def add_arguments(parser) -> None:
                         "'none' for none)")
     parser.add_argument("--model-size", choices=["tiny", "small"], help="size of the demo's model (default tiny)")
     parser.add_argument("--dpo-steps", type=int, help="DPO optimizer steps per method")
-    parser.add_argument("--beta", type=float, help="DPO beta (all methods)")
+    parser.add_argument("--beta", type=positive_float, help="DPO beta (all methods)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="learning rate of one method: clm/linear, clm/block, full or lora (repeatable)")
     parser.add_argument("--pair-prompts", type=int, help="prompts sampled for preference pairs")
@@ -51,6 +60,7 @@ def run(args) -> int:
 
     from clm_ext.demo.pipeline import DemoConfig, run as run_demo
 
+    check_out("demo", args.out, args.force)
     threads = args.threads if args.threads is not None else (None if args.model else 1)
     if threads is not None:
         if threads < 1:
@@ -64,8 +74,6 @@ def run(args) -> int:
             raise ValueError(f"--dpo-steps must be >= 1, got {args.dpo_steps}")
         overrides["dpo_steps"] = args.dpo_steps
     if args.beta is not None:
-        if args.beta <= 0:
-            raise ValueError(f"--beta must be > 0, got {args.beta}")
         overrides["beta"] = args.beta
     if args.model_size is not None:
         overrides["model_size"] = args.model_size

@@ -4,18 +4,19 @@ from __future__ import annotations
 import shutil
 import textwrap
 
+from ._checks import finite_float, nonempty_text, positive_float
 from ._load import add_model_arguments, load_model
 
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--alpha", type=float, nargs="+", default=[0.0, 1.0], help="alignment strengths")
-    parser.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
+    parser.add_argument("--alpha", type=finite_float, nargs="+", default=[0.0, 1.0], help="alignment strengths")
+    parser.add_argument("--prompt", type=nonempty_text, nargs="+", required=True, help="one or more prompts")
     parser.add_argument("--mode", choices=["embed", "logits"], help="override the saved merge mode")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--sample", action="store_true", help="sample (default: greedy)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--top-p", type=positive_float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=int, help="total width in characters (default: the terminal's)")
 

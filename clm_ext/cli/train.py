@@ -2,11 +2,15 @@
 
 Output: OUT holds the result, the alignment layer (save_alignment, so `load_alignment(model, OUT)` takes it) for
 --method clm, the model or LoRA adapter plus the tokenizer for full / lora, and OUT/metrics.json (the logged
-history). Trainer checkpoints, which --resume restarts from, go to --checkpoint-dir (default OUT-checkpoints, a
-sibling: save_alignment replaces OUT as a whole). Under accelerate: `accelerate launch -m clm_ext.cli.train ARGS`.
+history). OUT is checked before training starts: it must be new or empty, or hold a previous result that --force
+(or --resume) may replace. Trainer checkpoints, which --resume restarts from, go to --checkpoint-dir (default
+OUT-checkpoints, a sibling). Under accelerate: `accelerate launch -m clm_ext.cli.train ARGS`.
 """
 import json
 import os
+import sys
+
+from ._checks import add_force_argument, check_model_dir, check_out, finite_float, positive_float
 
 DEFAULT_LR = {"clm": 5e-4, "full": 5e-6, "lora": 5e-5}
 SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -16,17 +20,18 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True, help="model directory (save_pretrained) with its tokenizer")
     parser.add_argument("--dataset", required=True, help="preference JSONL file or datasets save_to_disk directory")
     parser.add_argument("--eval-dataset", help="optional held-out preferences, same formats")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory: new, empty, or a previous result (with --force)")
+    add_force_argument(parser)
     parser.add_argument("--checkpoint-dir", help="trainer checkpoints (default: OUT-checkpoints)")
     parser.add_argument("--method", choices=("clm", "full", "lora"), default="clm",
                         help="clm: the alignment layer only (default); full / lora: TRL baselines")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
+    parser.add_argument("--beta", type=positive_float, default=0.1, help="DPO beta (default 0.1)")
     parser.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="TRL loss type(s), e.g. sigmoid ipo")
-    parser.add_argument("--loss-weights", nargs="+", type=float, help="one weight per --loss-type")
+    parser.add_argument("--loss-weights", nargs="+", type=finite_float, help="one weight per --loss-type")
     parser.add_argument("--max-length", type=int, default=512, help="truncate prompt+completion (default 512)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="training epochs (default 1)")
+    parser.add_argument("--epochs", type=positive_float, default=1.0, help="training epochs (default 1)")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    parser.add_argument("--lr", type=float, help=f"learning rate (default per method: {DEFAULT_LR})")
+    parser.add_argument("--lr", type=positive_float, help=f"learning rate (default per method: {DEFAULT_LR})")
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch of preference pairs")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--logging-steps", type=int, default=10)
@@ -56,6 +61,8 @@ def run(args) -> int:
 
     if args.eval_steps is not None and args.eval_dataset is None:
         raise SystemExit("--eval-steps needs --eval-dataset")
+    check_model_dir("train", args.model)
+    _check_out(args)
     checkpoints = args.checkpoint_dir or os.path.normpath(args.out) + "-checkpoints"
     resume = _resume_point(args.resume, checkpoints)
     try:
@@ -95,6 +102,9 @@ def run(args) -> int:
     )
     extra = {"peft_config": default_lora_config(args.lora_r)} if args.method == "lora" else {}
     trainer = make_dpo_trainer(args.method, model, config, train_dataset, tokenizer, eval_dataset, **extra)
+    _check_truncation(args, train_dataset, trainer.train_dataset, "--dataset")
+    if eval_dataset is not None:
+        _check_truncation(args, eval_dataset, trainer.eval_dataset, "--eval-dataset")
     trainer.train(resume_from_checkpoint=resume)
 
     _save_result(trainer, args, tokenizer)
@@ -106,6 +116,37 @@ def run(args) -> int:
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in SUMMARY_KEYS if k in last)
         print(f"clm train: {args.method} done after {trainer.state.global_step} steps; {summary}; wrote {args.out}")
     return 0
+
+
+def _check_out(args) -> None:
+    """Before training: --out must take the result, and a previous result is replaced only with --force or
+    --resume (which continues the run that wrote it)."""
+    from clm_ext import storage
+
+    replace = args.force or args.resume is not None
+    if args.method != "clm":
+        check_out("train", args.out, replace)
+        return
+    try:
+        storage.check_target(args.out, "clm train: --out")
+    except FileExistsError as e:
+        raise SystemExit(str(e)) from None
+    if os.path.isdir(args.out) and storage.CONFIG_NAME in os.listdir(args.out) and not replace:
+        raise SystemExit(f"clm train: --out {args.out} holds a saved alignment layer; pass --force to replace it "
+                         "(or --resume to continue the run that wrote it)")
+
+
+def _check_truncation(args, rows, tokenized, flag: str) -> None:
+    """TRL drops the rows whose prompt alone fills max_length (no completion token would be left): say so,
+    and stop before training when that leaves nothing."""
+    dropped = len(rows) - len(tokenized)
+    path = getattr(args, flag[2:].replace("-", "_"))
+    if dropped == len(rows):
+        raise SystemExit(f"clm train: every row of {flag} {path} has a prompt of --max-length {args.max_length} "
+                         "tokens or more, which leaves no room for a completion; raise --max-length")
+    if dropped:
+        print(f"clm train: {dropped} of {len(rows)} rows of {flag} {path} dropped: their prompts fill "
+              f"--max-length {args.max_length}", file=sys.stderr)
 
 
 def _resume_point(resume, checkpoints):
@@ -136,8 +177,6 @@ def _save_result(trainer, args, tokenizer):
 
 
 if __name__ == "__main__":  # `accelerate launch -m clm_ext.cli.train ...` (a launcher needs a module or a script)
-    import sys
-
     from clm_ext.cli import main
 
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,186 @@
+"""The `clm` command line used carelessly: every error is one line naming the argument, exit code non-zero, no
+traceback, and nothing the user owns is overwritten without --force (checked before any work starts)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_causal_lm, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import clm_ext
+from clm_ext.cli import main
+from clm_ext.model import alignment_parameters
+
+ROWS = [{"prompt": "the cat", "chosen": " is happy today", "rejected": " is sad"},
+        {"prompt": "a dog", "chosen": " sings", "rejected": " hate the moon"}]
+
+
+def clm(capsys, *argv):
+    """Exit code and stderr lines of `clm ARGV` run in this process (SystemExit as the interpreter reports it)."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    progress = ("%|", "Warning", "warnings.warn")  # progress bars and library warnings are not the error
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not any(p in line for p in progress)]
+    return rc, err
+
+
+def assert_one_line_error(rc, err, *fragments):
+    assert rc != 0
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for fragment in fragments:
+        assert fragment in err[0], (fragment, err[0])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A saved base model with its tokenizer, a trained-looking layer for it, and a preference file."""
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_causal_lm("qwen2")
+    model.save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    clm_ext.add_alignment_control(model)
+    with torch.no_grad():
+        for p in alignment_parameters(model):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    clm_ext.save_alignment(model, root / "layer")
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return root
+
+
+def _tree(directory):
+    """Every file under `directory` with its bytes."""
+    out = {}
+    for base, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(base, name)
+            out[os.path.relpath(path, directory)] = open(path, "rb").read()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# clm merge --out
+
+
+def test_merge_refuses_a_file_as_out(workspace, capsys, tmp_path):
+    target = tmp_path / "merged.txt"
+    target.write_text("mine")
+    rc, err = clm(capsys, "merge", "--model", workspace / "base", "--alignment", workspace / "layer", "--out", target)
+    assert_one_line_error(rc, err, "--out", "not a directory")
+    assert target.read_text() == "mine"
+
+
+def test_merge_never_overwrites_the_base_model_or_a_non_empty_directory(workspace, capsys, tmp_path):
+    base = workspace / "base"
+    before = _tree(base)
+    for extra in ([], ["--force"]):  # the base model's own directory: refused even with --force
+        rc, err = clm(capsys, "merge", "--model", base, "--alignment", workspace / "layer", "--out", base, *extra)
+        assert_one_line_error(rc, err, "--out", "the --model directory")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("mine")
+    rc, err = clm(capsys, "merge", "--model", base, "--alignment", workspace / "layer", "--out", other)
+    assert_one_line_error(rc, err, "--out", "non-empty", "--force")
+    assert _tree(base) == before and (other / "config.json").read_text() == "mine"
+    assert clm(capsys, "merge", "--model", base, "--alignment", workspace / "layer", "--out", other, "--force")[0] == 0
+    merged = AutoModelForCausalLM.from_pretrained(other)  # --force: written into it
+    assert merged.config.model_type == "qwen2"
+
+
+# ------------------------------------------------------------------------------------------------
+# clm train --out, checked before training
+
+
+@pytest.mark.parametrize("kind", ["file", "non-empty directory"])
+def test_train_refuses_an_unusable_out_before_training(workspace, capsys, tmp_path, kind):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--force"]):  # --force cannot make a non-layer directory hold a layer
+        rc, err = clm(capsys, "train", "--model", workspace / "base", "--dataset", workspace / "prefs.jsonl",
+                      "--out", out, "--max-steps", 1, *extra)
+        assert_one_line_error(rc, err, "--out")
+    assert not (tmp_path / "out-checkpoints").exists()  # refused before the trainer was made
+    assert (out.read_text() if kind == "file" else (out / "notes.txt").read_text()) == "mine"
+
+
+def test_train_replaces_a_saved_layer_only_with_force(workspace, capsys, tmp_path):
+    out = tmp_path / "out"
+    clm_ext.save_alignment(clm_ext.add_alignment_control(tiny_causal_lm("qwen2")), out)  # the identity
+    (out / "notes.txt").write_text("mine")
+    args = ["train", "--model", workspace / "base", "--dataset", workspace / "prefs.jsonl", "--out", out,
+            "--max-steps", 1, "--lr", 0.05, "--batch-size", 2, "--max-length", 32]
+    rc, err = clm(capsys, *args)
+    assert_one_line_error(rc, err, "holds a saved alignment layer", "--force")
+    assert not (tmp_path / "out-checkpoints").exists()
+    rc, _ = clm(capsys, *args, "--force")
+    assert rc == 0
+    trained = clm_ext.load_alignment(AutoModelForCausalLM.from_pretrained(workspace / "base"), out)
+    layer = clm_ext.model.alignment_layer(trained)
+    assert not torch.equal(layer.weight, torch.eye(32))  # the new, trained layer replaced the identity
+    assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.json").is_file()
+
+
+def test_train_names_invalid_utf8_and_all_rows_too_long(workspace, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n')
+    rc, err = clm(capsys, "train", "--model", workspace / "base", "--dataset", bad, "--out", tmp_path / "o1")
+    assert_one_line_error(rc, err, "line 2 is not valid UTF-8")
+    rc, err = clm(capsys, "train", "--model", workspace / "base", "--dataset", workspace / "prefs.jsonl",
+                  "--out", tmp_path / "o2", "--max-length", 2, "--max-steps", 1)
+    assert_one_line_error(rc, err, "every row of --dataset", "--max-length 2")
+
+
+# ------------------------------------------------------------------------------------------------
+# clm demo --out, argument errors, and the real entry point
+
+
+def test_demo_refuses_a_non_empty_out_before_running(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    rc, err = clm(capsys, "demo", "--quick", "--out", tmp_path)
+    assert_one_line_error(rc, err, "--out", "non-empty", "--force")
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["generate", "--alpha", "nan", "--prompt", "a"], ["argument --alpha", "finite", "'nan'"]),
+    (["generate", "--alpha", "1e999", "--prompt", "a"], ["argument --alpha", "finite"]),
+    (["generate", "--prompt", ""], ["argument --prompt", "empty"]),
+    (["generate", "--prompt", "a"], ["--model"]),
+    (["merge", "--alpha", "x", "--out", "o"], ["argument --alpha", "'x'"]),
+    (["train", "--beta", "-1", "--dataset", "d", "--out", "o"], ["argument --beta", "> 0"]),
+    (["demo", "--alphas", "0,nan"], ["--alphas", "finite"]),
+])
+def test_bad_arguments_are_one_line(workspace, capsys, argv, fragments):
+    if "--model" not in fragments:
+        argv = [argv[0], "--model", str(workspace / "base"), *argv[1:]]
+    rc, err = clm(capsys, *argv)
+    assert_one_line_error(rc, err, *fragments)
+
+
+def test_a_missing_model_directory_is_one_line(capsys, tmp_path):
+    for command in (["generate", "--prompt", "a"], ["merge", "--alignment", "x", "--out", tmp_path / "o"],
+                    ["train", "--dataset", "d.jsonl", "--out", tmp_path / "o"]):
+        rc, err = clm(capsys, *command, "--model", tmp_path / "missing")
+        assert_one_line_error(rc, err, "--model", "no such directory")
+
+
+def test_the_clm_command_reports_a_bad_layer_without_a_traceback(workspace, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "alignment_config.json").write_text("[1, 2")
+    proc = subprocess.run([sys.executable, "-m", "clm_ext.cli", "generate", "--model", str(workspace / "base"),
+                           "--alignment", str(broken), "--prompt", "the cat"], capture_output=True, text=True,
+                          timeout=300)
+    err = [line for line in proc.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert err[-1].startswith("clm generate: error: load_alignment:") and "is not valid JSON" in err[-1], err
