@@ -13,9 +13,7 @@ import os
 import shutil
 import tempfile
 
-from .model import CONFIG_NAME as ALIGNMENT_CONFIG
-from .model import WEIGHTS_NAME as ALIGNMENT_WEIGHTS
-from .model import read_alignment_config
+from . import storage
 
 # Base architecture -> the plugin's class for it.
 ARCHITECTURES = {
@@ -47,7 +45,8 @@ def _read_json(path: str) -> dict:
 
 
 def _plan(model_dir: str, alignment_dir: str) -> tuple:
-    """(config, alignment info) after checking the pair can be exported; clear errors otherwise."""
+    """(config, alignment info, layer tensors) after checking the pair can be exported; clear errors
+    otherwise."""
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"--model: {model_dir} has no config.json (expected a Hugging Face model directory)")
@@ -57,7 +56,7 @@ def _plan(model_dir: str, alignment_dir: str) -> tuple:
             "(safetensors is the default)"
         )
     config = _read_json(config_path)
-    info = read_alignment_config(alignment_dir)
+    info, layer = storage.read_layer(alignment_dir)
     if info.get("layer") != "linear":
         raise ValueError(
             f"--alignment: {alignment_dir} holds a layer={info.get('layer')!r} alignment layer; the vLLM plugin "
@@ -78,7 +77,7 @@ def _plan(model_dir: str, alignment_dir: str) -> tuple:
             raise ValueError(
                 f"--alignment: the layer was trained for {key}={info.get(key)!r}, the model has {key}={config.get(key)!r}"
             )
-    return config, info
+    return config, info, layer
 
 
 def _check_out(out: str, force: bool) -> None:
@@ -95,11 +94,11 @@ def export_for_vllm(model_dir: str, alignment_dir: str, out: str, *, default_alp
     Written to a temporary directory beside `out` and moved into place; a non-empty `out` is replaced only
     with force=True. `default_alpha` is what a request without an alpha gets (stored in config.json).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     model_dir, alignment_dir, out = (os.path.abspath(os.fspath(p)) for p in (model_dir, alignment_dir, out))
     default_alpha = check_alpha(default_alpha, "--default-alpha")
-    config, info = _plan(model_dir, alignment_dir)
+    config, info, layer = _plan(model_dir, alignment_dir)
     _check_out(out, force)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -107,9 +106,8 @@ def export_for_vllm(model_dir: str, alignment_dir: str, out: str, *, default_alp
     try:
         for name in os.listdir(model_dir):
             src = os.path.join(model_dir, name)
-            if os.path.isfile(src) and name not in ("config.json", LAYER_FILE, ALIGNMENT_CONFIG, ALIGNMENT_WEIGHTS):
+            if os.path.isfile(src) and name not in ("config.json", LAYER_FILE) and not storage.is_layer_file(name):
                 shutil.copy2(src, os.path.join(tmp, name))
-        layer = load_file(os.path.join(alignment_dir, ALIGNMENT_WEIGHTS))
         save_file({LAYER_PREFIX + k: v.contiguous() for k, v in layer.items()}, os.path.join(tmp, LAYER_FILE),
                   metadata={"format": "pt"})
         index_path = os.path.join(tmp, INDEX_NAME)

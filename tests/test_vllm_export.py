@@ -59,9 +59,9 @@ def test_non_empty_out_is_refused_without_force_and_replaced_with_it(tmp_path, c
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     args = ["export-vllm", "--model", base, "--alignment", alignment, "--out", str(out)]
-    with pytest.raises(SystemExit) as err:
-        main(args)
-    assert str(err.value) == f"clm export-vllm: --out: {out} is not empty; pass --force to replace it"
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"clm export-vllm: error: --out: {out} is not empty; pass --force to replace it\n"
     assert (out / "mine.txt").read_text() == "keep me"
     assert main(args + ["--force"]) == 0
     assert not (out / "mine.txt").exists() and (out / LAYER_FILE).exists()
@@ -92,12 +92,13 @@ def test_unsupported_architecture_and_mismatched_layer_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("argv_tail, message", [
-    (["--default-alpha", "nan"], "clm export-vllm: --default-alpha must be finite (in float32), got nan"),
-    (["--alignment", "/nonexistent"], "clm export-vllm: load_alignment: /nonexistent is not a saved alignment layer"),
+    (["--default-alpha", "nan"], "clm export-vllm: error: --default-alpha must be finite (in float32), got nan"),
+    (["--alignment", "/nonexistent"], "clm export-vllm: error: load_alignment: /nonexistent is not a saved alignment"),
 ])
-def test_cli_errors_are_one_line(tmp_path, argv_tail, message):
+def test_cli_errors_are_one_line(tmp_path, capsys, argv_tail, message):
     _, base, alignment = _pair(tmp_path)
     argv = ["export-vllm", "--model", base, "--alignment", alignment, "--out", str(tmp_path / "out"), *argv_tail]
-    with pytest.raises(SystemExit) as err:
-        main(argv)
-    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1

@@ -14,10 +14,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from clm_ext.vllm_export import export_for_vllm
 
-    try:
-        out = export_for_vllm(args.model, args.alignment, args.out, default_alpha=args.default_alpha, force=args.force)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"clm export-vllm: {err}") from None
+    # A bad argument raises ValueError / OSError: `clm` prints it as one line and exits with 2.
+    out = export_for_vllm(args.model, args.alignment, args.out, default_alpha=args.default_alpha, force=args.force)
     print(f"wrote {out}: serve it with `python -m vllm.entrypoints.openai.api_server --model {out}` "
           "where clm-ext is installed beside vLLM")
     return 0
