@@ -46,7 +46,7 @@ SETTINGS = {
     ("cpu", "quick"): (("cpu-7M",), 4, 64, 64, 1, 3),
     ("cpu", "full"): (("cpu-7M", "cpu-33M"), 4, 64, 64, 1, 3),
     ("cuda", "smoke"): (("tiny",), 2, 8, 8, 1, 2),
-    ("cuda", "quick"): (("gpu-0.3B",), 8, 128, 384, 2, 10),
+    ("cuda", "quick"): (("gpu-0.3B",), 8, 128, 384, 2, 5),  # fewer steps: ./run gpu-check has ~8 minutes
     ("cuda", "full"): (("gpu-0.3B", "gpu-1B"), 8, 128, 384, 2, 10),
 }
 

@@ -38,7 +38,7 @@ SETTINGS = {
     ("cpu", "quick"): (("cpu-7M",), 8, 32, 32),
     ("cpu", "full"): (("cpu-7M", "cpu-33M"), 8, 32, 32),
     ("cuda", "smoke"): (("tiny",), 4, 8, 4),
-    ("cuda", "quick"): (("gpu-0.3B",), 32, 128, 128),
+    ("cuda", "quick"): (("gpu-0.3B",), 32, 128, 64),  # shorter: ./run gpu-check has ~8 minutes for all
     ("cuda", "full"): (("gpu-0.3B", "gpu-1B"), 32, 128, 128),
 }
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     device, dtype = common.resolve(args)
     mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
     models, batch, prompt, new = SETTINGS[(device.type, mode)]
-    repeats = args.repeats or (2 if args.smoke else 5)
+    repeats = args.repeats or (2 if args.smoke else (3 if args.quick else 5))
     rows = common.Rows("bench_generate", device, dtype)
     print(f"bench_generate on {rows.common['device_name']}, {dtype}", flush=True)
     for name in models:
