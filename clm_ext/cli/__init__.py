@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": "The end-to-end demo: align a real model (or --toy) on VADER-judged pairs, then sweep alpha.",
     "bench": "Run one of the benchmark scripts.",
     "serve": "Serve the model over an OpenAI-compatible API, with an alpha per request.",
+    "export-vllm": "Write a checkpoint that vLLM serves with the clm-ext plugin (per-request alpha).",
 }
 LIST_OPTIONS = ("--alphas",)  # comma-separated numbers that may start with '-'
 
@@ -32,10 +33,10 @@ def main(argv=None) -> int:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if chosen == [name]:
-            importlib.import_module(f"clm_ext.cli.{name}").add_arguments(p)
+            importlib.import_module(f"clm_ext.cli.{name.replace('-', '_')}").add_arguments(p)
     args = parser.parse_args(argv)
     try:
-        return importlib.import_module(f"clm_ext.cli.{args.command}").run(args) or 0
+        return importlib.import_module(f"clm_ext.cli.{args.command.replace('-', '_')}").run(args) or 0
     except (ValueError, OSError) as e:
         print(f"clm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -1,0 +1,21 @@
+"""`clm export-vllm`: a model directory that `vllm serve` loads with the clm-ext plugin (clm_ext.vllm)."""
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="the base model: a local Hugging Face directory (safetensors)")
+    parser.add_argument("--alignment", required=True, help="a layer written by clm_ext.save_alignment / clm train")
+    parser.add_argument("--out", required=True, help="the directory to write (refused if not empty, unless --force)")
+    parser.add_argument("--default-alpha", type=float, default=1.0,
+                        help="the alpha of a request that names none (default 1: the aligned model)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def run(args) -> int:
+    from clm_ext.vllm_export import export_for_vllm
+
+    # A bad argument raises ValueError / OSError: `clm` prints it as one line and exits with 2.
+    out = export_for_vllm(args.model, args.alignment, args.out, default_alpha=args.default_alpha, force=args.force)
+    print(f"wrote {out}: serve it with `python -m vllm.entrypoints.openai.api_server --model {out}` "
+          "where clm-ext is installed beside vLLM")
+    return 0

@@ -1,0 +1,104 @@
+"""`clm export-vllm` / export_for_vllm: the directory vLLM serves with the plugin (no vLLM needed here)."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_causal_lm
+from safetensors.torch import load_file
+
+import clm_ext
+from clm_ext.cli import main
+from clm_ext.vllm_export import CONFIG_KEY, LAYER_FILE, export_for_vllm
+
+
+def _pair(tmp_path, arch="llama", layer="linear", mode="embed"):
+    model = tiny_causal_lm(arch)
+    base, alignment = str(tmp_path / "base"), str(tmp_path / "alignment")
+    model.save_pretrained(base)
+    clm_ext.add_alignment_control(model, mode=mode, layer=layer)
+    with torch.no_grad():
+        for p in clm_ext.model.alignment_parameters(model):
+            p.add_(0.01 * torch.randn_like(p))
+    clm_ext.save_alignment(model, alignment)
+    return model, base, alignment
+
+
+@pytest.mark.parametrize("arch, cls", [("llama", "ClmLlamaForCausalLM"), ("qwen2", "ClmQwen2ForCausalLM")])
+def test_export_writes_base_weights_layer_and_plugin_architecture(tmp_path, arch, cls):
+    model, base, alignment = _pair(tmp_path, arch)
+    out = export_for_vllm(base, alignment, str(tmp_path / "out"), default_alpha=0.5)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["architectures"] == [cls]
+    assert config[CONFIG_KEY] == {"layer": "linear", "mode": "embed", "default_alpha": 0.5,
+                                  "clm_ext_version": clm_ext.__version__}
+    layer = load_file(os.path.join(out, LAYER_FILE))
+    # The key names the plugin loads are the ones a wrapped HF model has for its layer.
+    state = model.state_dict()
+    assert set(layer) == {"model.embed_tokens.alignment.weight", "model.embed_tokens.alignment.bias"}
+    for key, value in layer.items():
+        assert torch.equal(value, state[key])
+    assert load_file(os.path.join(out, "model.safetensors")).keys() == load_file(
+        os.path.join(base, "model.safetensors")).keys()
+
+
+def test_a_sharded_checkpoints_index_names_the_layer_file(tmp_path):
+    model, base, alignment = _pair(tmp_path)
+    os.remove(os.path.join(base, "model.safetensors"))
+    model_plain = tiny_causal_lm("llama")
+    model_plain.save_pretrained(base, max_shard_size="20KB")
+    out = export_for_vllm(base, alignment, str(tmp_path / "out"))
+    weight_map = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    assert weight_map["model.embed_tokens.alignment.weight"] == LAYER_FILE
+    assert len(set(weight_map.values())) > 2  # still sharded
+
+
+def test_non_empty_out_is_refused_without_force_and_replaced_with_it(tmp_path, capsys):
+    _, base, alignment = _pair(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    args = ["export-vllm", "--model", base, "--alignment", alignment, "--out", str(out)]
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"clm export-vllm: error: --out: {out} is not empty; pass --force to replace it\n"
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert main(args + ["--force"]) == 0
+    assert not (out / "mine.txt").exists() and (out / LAYER_FILE).exists()
+    assert "vllm.entrypoints.openai.api_server" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layer, mode, match", [
+    ("block", "embed", "layer='block'.*serves only layer='linear'"),
+    ("linear", "logits", "mode='logits'.*serves only mode='embed'"),
+])
+def test_block_layers_and_logits_mode_are_refused(tmp_path, layer, mode, match):
+    _, base, alignment = _pair(tmp_path, layer=layer, mode=mode)
+    with pytest.raises(ValueError, match=match):
+        export_for_vllm(base, alignment, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_and_mismatched_layer_are_refused(tmp_path):
+    _, base, alignment = _pair(tmp_path / "a", arch="mistral")
+    with pytest.raises(ValueError, match="MistralForCausalLM.*not supported.*LlamaForCausalLM"):
+        export_for_vllm(base, alignment, str(tmp_path / "out"))
+    _, base, _ = _pair(tmp_path / "b", arch="llama")
+    other = tiny_causal_lm("llama", hidden_size=64)
+    clm_ext.add_alignment_control(other)
+    clm_ext.save_alignment(other, str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match="hidden_size=64, the model has hidden_size=32"):
+        export_for_vllm(base, str(tmp_path / "wide"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--default-alpha", "nan"], "clm export-vllm: error: --default-alpha must be finite (in float32), got nan"),
+    (["--alignment", "/nonexistent"], "clm export-vllm: error: load_alignment: /nonexistent is not a saved alignment"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, argv_tail, message):
+    _, base, alignment = _pair(tmp_path)
+    argv = ["export-vllm", "--model", base, "--alignment", alignment, "--out", str(tmp_path / "out"), *argv_tail]
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
