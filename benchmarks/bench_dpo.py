@@ -90,11 +90,29 @@ def warm_up_libraries(device: torch.device, dtype: torch.dtype) -> None:
     torch.optim.AdamW(model.parameters()).step()
 
 
+def step_timer(device: torch.device, times: list, after_step=None):
+    """A Trainer callback appending each optimizer step's wall time (device synchronised) to `times`;
+    `after_step()` runs at the end of each step, before the Trainer saves or logs."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            common.sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            common.sync(device)
+            times.append(time.perf_counter() - self.t0)
+            if after_step is not None:
+                after_step()
+
+    return StepTimer()
+
+
 def worker(args) -> dict:
     """One provider in this process: build, train warmup + steps, return timings and memory."""
     import datasets
     import psutil
-    from transformers import TrainerCallback
     from trl import DPOConfig
 
     from clm_ext.train import make_dpo_trainer
@@ -113,15 +131,6 @@ def worker(args) -> dict:
         clm_ext.add_alignment_control(model, layer="block")  # mode "embed": what CLMDPOTrainer trains
     times = []
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            common.sync(device)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            common.sync(device)
-            times.append(time.perf_counter() - self.t0)
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DPOConfig(output_dir=tmp, per_device_train_batch_size=batch, max_steps=warmup + steps,
                         learning_rate=1e-5, max_length=prompt + completion + 2, report_to="none",
@@ -130,7 +139,7 @@ def worker(args) -> dict:
                         gradient_checkpointing=args.checkpointing == "on")
         data = dataset(batch * (warmup + steps), prompt, completion, vocab)
         trainer = make_dpo_trainer(TRAINER[args.worker], model, cfg, data, tokenizer(vocab))
-        trainer.add_callback(StepTimer())
+        trainer.add_callback(step_timer(device, times))
         saved = {}
         original = trainer.compute_loss
 

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_dpo import warm_up_libraries  # noqa: E402
+from bench_dpo import step_timer, warm_up_libraries  # noqa: E402
 
 PROVIDERS = ("clm", "clm-precompute", "full", "lora")
 WORDS = ("the service was slow but the food arrived warm and the staff smiled while we waited for a table near "
@@ -62,7 +62,7 @@ def worker(args) -> dict:
     end; return timings, memory, trainable parameters and the checkpoint's size."""
     import datasets
     import psutil
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
 
     from clm_ext.train import make_dpo_trainer
@@ -77,18 +77,11 @@ def worker(args) -> dict:
     total = args.warmup + args.steps
     times, peak = [], {}
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            common.sync(device)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            common.sync(device)
-            times.append(time.perf_counter() - self.t0)
-            # Before the checkpoint of the last step is written (saving is not part of a step's memory).
-            peak["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            if device.type == "cuda":
-                peak["cuda"] = torch.cuda.max_memory_allocated(device)
+    def record_peak():
+        # Before the checkpoint of the last step is written (saving is not part of a step's memory).
+        peak["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if device.type == "cuda":
+            peak["cuda"] = torch.cuda.max_memory_allocated(device)
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DPOConfig(output_dir=tmp, per_device_train_batch_size=args.batch, max_steps=total, learning_rate=1e-5,
@@ -102,7 +95,7 @@ def worker(args) -> dict:
         t0 = time.perf_counter()
         trainer = make_dpo_trainer(args.worker.split("-")[0], model, cfg, data, tokenizer)
         construct_s = time.perf_counter() - t0
-        trainer.add_callback(StepTimer())
+        trainer.add_callback(step_timer(device, times, record_peak))
         trainer.train()
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         checkpoint = os.path.join(tmp, f"checkpoint-{total}")
