@@ -12,11 +12,13 @@ bench-generate, bench-dpo (`--device cuda --quick`), summary (`clm bench plot --
 files: summary.md, summary.json, gpu_check.log and gpu_check.tar.gz (results/*_cuda.{json,csv}, every stage's
 log, the pytest junit files).
 
-The lent machine, as KINDS.md read it (2026-11) before any run of this script: python3 3.12.3
-(/opt/torch/.venv/bin/python3) with torch 2.11.0+cu130, nvcc 13.0, ninja, pybind11, transformers 5.17.0,
-accelerate 1.15.0, peft, safetensors 0.8.0, pytest, hypothesis, psutil, tokenizers 0.23.2; no trl, no datasets,
-and transformers below requirements.txt's 5.24 pin (hence the carried wheels). The env stage of each real run
-records what it found (summary.json "env").
+The lent machine, as the first real run found it (NVIDIA H200, 2026-11-27; summary.json "env" of each run
+records it again): python3 3.12.3 (/opt/torch/.venv/bin/python3) with torch 2.11.0+cu130, nvcc 13.0 (driver
+580.159.04), transformers 5.17.0, peft 0.21.0, accelerate 1.15.0, pytest 9.1.1, hypothesis 6.168.3, safetensors
+0.8.0, pyarrow 25.0.1, psutil 7.2.2, tokenizers 0.23.2, huggingface_hub 1.33.0, numpy 2.5.2; no trl, no datasets,
+and transformers below requirements.txt's 5.24 pin (hence the carried wheels: the run installed trl 1.16.0,
+datasets 5.2.0, transformers 5.24.0 and their needs). That run took 385 s: env 24, wheels 16, build 46,
+op-tests 38, model-tests 16, bench-op 38, bench-generate 72, bench-dpo 127, summary 9.
 """
 from __future__ import annotations
 
@@ -584,6 +586,9 @@ def main(argv=None) -> int:
     c.end = start + (args.time_limit or (900 if c.dry else 480))
     sys.stdout = _Tee(sys.stdout, c.logs / "gpu_check.log")
     print(f"[gpu-check] {'dry run' if c.dry else 'GPU run'}: scratch {c.scratch}, out {c.out}", flush=True)
+    if only and "env" not in only:  # a rerun's summary still names its python, torch and device
+        c.deadline = time.monotonic() + 60
+        c.facts.update(json.loads(c.call([c.python, "-c", PROBE], "env.log", cwd=c.scratch).strip().splitlines()[-1]))
     if only and "wheels" not in only:  # a rerun uses the wheels the first run installed into --scratch
         c.deadline = time.monotonic() + 60
         c.facts["packages_after"] = c.importable(PACKAGES + ALSO_RECORDED)

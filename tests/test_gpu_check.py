@@ -92,6 +92,17 @@ def test_dry_run_brings_back_at_most_eight_files_with_results_logs_and_tests(dry
     assert "fused op fwd+bwd: eager / clm | >= 1.3 |" in md
 
 
+def test_a_rerun_of_some_stages_reuses_the_build_and_names_its_device(dry_run, tmp_path):
+    """`--only` on a warm machine: the stages named, on the first run's scratch, with the device in the summary."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), str(tmp_path / "out"), "--dry-run", "--only",
+           "summary", "--time-limit", "200"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(r["stage"], r["status"]) for r in summary["stages"]] == [("summary", "ok")]
+    assert summary["torch"] == __import__("torch").__version__ and summary["device_name"]
+
+
 def test_a_failing_stage_is_reported_and_the_others_still_run(tmp_path):
     def boom(c):
         raise gpu_check.Failed("exit 1: boom")
