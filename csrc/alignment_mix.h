@@ -5,7 +5,7 @@
 //   backward  P  = dy W                               one GEMM, needed for dx and for dalpha
 //             dx = dy + a * (P - dy)                  `mix_backward` in place, also giving
 //             dalpha_row = (P - dy) . x               per-row dots (dy . b is added per sequence)
-//             dW = (a dy)^T x,  db = sum_rows a dy
+//             dW = (a dy)^T x,  db = sum_rows a dy     `scale_rows` makes a dy (several sequences)
 // `a` is one value per sequence: row r uses alpha[r / rows_per_alpha].
 #pragma once
 
@@ -25,6 +25,8 @@ struct Kernels {
   // row_dot[r] <- (p[r] - dy[r]) . x[r] (in the opmath type).
   void (*mix_backward)(at::Tensor& p, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& alpha,
                        int64_t rows_per_alpha, at::Tensor& row_dot);
+  // out[r] <- a * src[r]: dW's left factor when the sequences have different alphas.
+  void (*scale_rows)(at::Tensor& out, const at::Tensor& src, const at::Tensor& alpha, int64_t rows_per_alpha);
   // out[r] <- base[ids[r]] + a * (aligned[ids[r]] - base[ids[r]]).
   void (*gather_lerp)(at::Tensor& out, const at::Tensor& ids, const at::Tensor& base,
                       const at::Tensor& aligned, const at::Tensor& alpha, int64_t rows_per_alpha);

@@ -69,6 +69,23 @@ void mix_backward_cpu(at::Tensor& p, const at::Tensor& dy, const at::Tensor& x, 
   });
 }
 
+void scale_rows_cpu(at::Tensor& out, const at::Tensor& src, const at::Tensor& alpha, int64_t rows_per_alpha) {
+  const int64_t rows = out.size(0), d = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "clm_ext_scale_rows_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    using Vec = at::vec::Vectorized<opmath_t>;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* sp = src.const_data_ptr<scalar_t>();
+    const opmath_t* a = alpha.const_data_ptr<opmath_t>();
+    at::parallel_for(0, rows, grain_rows(d), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const Vec ar(a[r / rows_per_alpha]);
+        at::vec::map([ar](Vec v) { return ar * v; }, o + r * d, sp + r * d, d);
+      }
+    });
+  });
+}
+
 void gather_lerp_cpu(at::Tensor& out, const at::Tensor& ids, const at::Tensor& base, const at::Tensor& aligned,
                      const at::Tensor& alpha, int64_t rows_per_alpha) {
   const int64_t rows = out.size(0), d = out.size(1);
@@ -90,7 +107,7 @@ void gather_lerp_cpu(at::Tensor& out, const at::Tensor& ids, const at::Tensor& b
   });
 }
 
-constexpr Kernels kCpuKernels{mix_cpu, mix_backward_cpu, gather_lerp_cpu};
+constexpr Kernels kCpuKernels{mix_cpu, mix_backward_cpu, scale_rows_cpu, gather_lerp_cpu};
 
 }  // namespace
 

@@ -61,6 +61,23 @@ __global__ void lerp_rows_kernel(scalar_t* out, const scalar_t* base, const scal
   }
 }
 
+// out[r] = a * src[r], a = alpha[r / rows_per_alpha].
+template <typename scalar_t, int N>
+__global__ void scale_rows_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ src,
+                                  const at::opmath_type<scalar_t>* __restrict__ alpha, int64_t rows_per_alpha,
+                                  int64_t d, int64_t packs) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t packs_per_row = d / N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < packs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const opmath_t a = alpha[i / packs_per_row / rows_per_alpha];
+    Pack<scalar_t, N> v = load<scalar_t, N>(src + i * N);
+#pragma unroll
+    for (int j = 0; j < N; ++j) v.v[j] = static_cast<scalar_t>(a * static_cast<opmath_t>(v.v[j]));
+    store<scalar_t, N>(out + i * N, v);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T block_sum(T v) {
   __shared__ T warp_sums[kThreads / 32];
@@ -90,13 +107,17 @@ __global__ void mix_backward_kernel(scalar_t* __restrict__ p, const scalar_t* __
       const int64_t at_ = r * d + c;
       Pack<scalar_t, N> pv = load<scalar_t, N>(p + at_);
       const Pack<scalar_t, N> gv = load<scalar_t, N>(dy + at_);
-      const Pack<scalar_t, N> xv = load<scalar_t, N>(x + at_);
+      if (row_dot != nullptr) {  // x is read only for dalpha
+        const Pack<scalar_t, N> xv = load<scalar_t, N>(x + at_);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          dot += (static_cast<opmath_t>(pv.v[j]) - static_cast<opmath_t>(gv.v[j])) * static_cast<opmath_t>(xv.v[j]);
+        }
+      }
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         const opmath_t g = static_cast<opmath_t>(gv.v[j]);
-        const opmath_t diff = static_cast<opmath_t>(pv.v[j]) - g;
-        dot += diff * static_cast<opmath_t>(xv.v[j]);
-        pv.v[j] = static_cast<scalar_t>(g + a * diff);
+        pv.v[j] = static_cast<scalar_t>(g + a * (static_cast<opmath_t>(pv.v[j]) - g));
       }
       store<scalar_t, N>(p + at_, pv);
     }
@@ -187,7 +208,28 @@ void mix_backward_cuda(at::Tensor& p, const at::Tensor& dy, const at::Tensor& x,
   });
 }
 
-constexpr Kernels kCudaKernels{mix_cuda, mix_backward_cuda, gather_lerp_cuda};
+void scale_rows_cuda(at::Tensor& out, const at::Tensor& src, const at::Tensor& alpha, int64_t rows_per_alpha) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t rows = out.size(0), d = out.size(1);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "clm_ext_scale_rows_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    constexpr int wide = 16 / sizeof(scalar_t);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* sp = src.const_data_ptr<scalar_t>();
+    const opmath_t* a = alpha.const_data_ptr<opmath_t>();
+    if (pack_width<scalar_t>(d, {op, sp}) == wide) {
+      scale_rows_kernel<scalar_t, wide><<<blocks_for(rows * d / wide), kThreads, 0, stream>>>(op, sp, a, rows_per_alpha,
+                                                                                             d, rows * d / wide);
+    } else {
+      scale_rows_kernel<scalar_t, 1><<<blocks_for(rows * d), kThreads, 0, stream>>>(op, sp, a, rows_per_alpha, d,
+                                                                                   rows * d);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+constexpr Kernels kCudaKernels{mix_cuda, mix_backward_cuda, scale_rows_cuda, gather_lerp_cuda};
 
 }  // namespace
 
