@@ -159,6 +159,9 @@ def test_demo_refuses_a_non_empty_out_before_running(capsys, tmp_path):
     (["merge", "--alpha", "x", "--out", "o"], ["argument --alpha", "'x'"]),
     (["train", "--beta", "-1", "--dataset", "d", "--out", "o"], ["argument --beta", "> 0"]),
     (["demo", "--alphas", "0,nan"], ["--alphas", "finite"]),
+    (["demo", "--optim", "clm/linear=adamx"], ["--optim", "'adamx'", "not an optimizer"]),
+    (["demo", "--optim", "clm=sgd"], ["--optim", "METHOD=NAME"]),
+    (["train", "--optim", "adamx", "--dataset", "d", "--out", "o"], ["argument --optim", "'adamx'"]),
 ])
 def test_bad_arguments_are_one_line(workspace, capsys, argv, fragments):
     if "--model" not in fragments:

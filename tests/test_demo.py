@@ -169,3 +169,19 @@ def test_negative_alpha_lists_parse_with_a_space():
     assert _attach_list_values(["demo", "--alphas", "-1,0,1", "--out", "x"]) == ["demo", "--alphas=-1,0,1", "--out", "x"]
     assert _attach_list_values(["demo", "--alphas", "-.5,1"]) == ["demo", "--alphas=-.5,1"]
     assert _attach_list_values(["demo", "--alphas", "0,1", "--quick"]) == ["demo", "--alphas", "0,1", "--quick"]
+
+
+def test_each_method_trains_with_its_own_learning_rate_and_optimizer(monkeypatch):
+    """`--lr METHOD=LR` and `--optim METHOD=NAME` reach that method's DPOConfig and no other's."""
+    from clm_ext.demo import pipeline
+    from clm_ext.cli.demo import _learning_rates, _optimizers
+
+    seen = {}
+    monkeypatch.setattr(pipeline.dpo, "train", lambda method, model, tokenizer, dataset, args, progress=None:
+                        seen.setdefault(method, (args.learning_rate, args.optim.value)))
+    base = pipeline.DemoConfig.real()
+    cfg = pipeline.DemoConfig.real(lr={**base.lr, **_learning_rates(["clm/linear=0.03"])},
+                                   optim={**base.optim, **_optimizers(["clm/linear=sgd"])})
+    for key in ("clm/linear", "full"):
+        pipeline._train(cfg, key, None, None, None, pipeline._Stages(), key)
+    assert seen == {"clm": (0.03, "sgd"), "full": (base.lr["full"], "adamw_torch")}

@@ -26,6 +26,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def optimizer_name(text: str) -> str:
+    """An argparse type: an optimizer name transformers' Trainer knows (its `optim` argument)."""
+    from transformers.training_args import OptimizerNames
+
+    if text not in {o.value for o in OptimizerNames}:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an optimizer transformers knows (e.g. sgd, adamw_torch)")
+    return text
+
+
 def nonempty_text(text: str) -> str:
     """An argparse type: text with something besides whitespace."""
     if not text.strip():

@@ -1,8 +1,11 @@
 """`clm demo`: the end-to-end demo (see clm_ext.demo.pipeline)."""
+import argparse
 import math
 import os
 
-from ._checks import add_force_argument, check_out, positive_float
+from ._checks import add_force_argument, check_out, optimizer_name, positive_float
+
+METHODS = ("clm/linear", "clm/block", "full", "lora")
 
 
 def _floats(text: str) -> tuple:
@@ -15,11 +18,24 @@ def _floats(text: str) -> tuple:
     return values
 
 
+def _optimizers(items: list) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in METHODS:
+            raise ValueError(f"--optim: {item!r} must be METHOD=NAME with METHOD clm/linear, clm/block, full or lora")
+        try:
+            out[key] = optimizer_name(value)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--optim: {e}") from None
+    return out
+
+
 def _learning_rates(items: list) -> dict:
     out = {}
     for item in items:
         key, _, value = item.partition("=")
-        if key not in ("clm/linear", "clm/block", "full", "lora"):
+        if key not in METHODS:
             raise ValueError(f"--lr: {item!r} must be METHOD=LR with METHOD clm/linear, clm/block, full or lora")
         try:
             out[key] = float(value)
@@ -53,6 +69,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--beta", type=positive_float, help="DPO beta (all methods)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="learning rate of one method: clm/linear, clm/block, full or lora (repeatable)")
+    parser.add_argument("--optim", action="append", default=[], metavar="METHOD=NAME",
+                        help="optimizer of one method, a transformers name such as sgd or adamw_torch (repeatable)")
     parser.add_argument("--pair-prompts", type=int, help="prompts sampled for preference pairs")
     parser.add_argument("--pair-samples", type=int, help="samples per pair prompt; the most and least positive pair up")
     parser.add_argument("--min-margin", type=float, help="smallest VADER difference that makes a pair")
@@ -121,6 +139,8 @@ def run(args) -> int:
         defaults = DemoConfig.real(quick=args.quick)
     if args.lr:
         overrides["lr"] = {**defaults.lr, **_learning_rates(args.lr)}
+    if args.optim:
+        overrides["optim"] = {**defaults.optim, **_optimizers(args.optim)}
     if args.toy:
         cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     else:

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from ._checks import add_force_argument, check_model_dir, check_out, finite_float, positive_float
+from ._checks import add_force_argument, check_model_dir, check_out, finite_float, optimizer_name, positive_float
 
 DEFAULT_LR = {"clm": 5e-4, "full": 5e-6, "lora": 5e-5}
 SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -34,6 +34,8 @@ def add_arguments(parser):
                         help="training epochs (default 3: one pass over a few hundred pairs is too few steps for the layer)")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     parser.add_argument("--lr", type=positive_float, help=f"learning rate (default per method: {DEFAULT_LR})")
+    parser.add_argument("--optim", type=optimizer_name,
+                        help="optimizer, a transformers name such as sgd or adamw_torch (default: TRL's, AdamW)")
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch of preference pairs")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--logging-steps", type=int, default=10)
@@ -96,6 +98,7 @@ def run(args) -> int:
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         learning_rate=args.lr if args.lr is not None else DEFAULT_LR[args.method],
+        **({"optim": args.optim} if args.optim else {}),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,

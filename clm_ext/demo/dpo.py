@@ -36,11 +36,11 @@ class _Progress(TrainerCallback):
 
 
 def dpo_config(output_dir: str, steps: int, batch_size: int, lr: float, beta: float, seed: int, device: str,
-               max_length: int):
+               max_length: int, optim: str = "adamw_torch"):
     from trl import DPOConfig
 
     return DPOConfig(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, optim=optim,
         lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, steps // 10), beta=beta, seed=seed,
         data_seed=seed, max_length=max_length, use_cpu=device == "cpu", bf16=False,
         activation_checkpointing=False, logging_steps=max(1, steps // 10), save_strategy="no",

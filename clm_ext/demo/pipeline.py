@@ -26,6 +26,7 @@ from .tokenizer import train_tokenizer
 ALPHAS = (-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 VARIANTS = ("linear/embed", "linear/logits", "block/logits")
 BASELINES = ("full", "lora")
+METHODS = ("clm/linear", "clm/block", "full", "lora")  # the keys of DemoConfig.lr and .optim
 REAL_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -48,6 +49,7 @@ class DemoConfig:
     dpo_batch: int = 16
     beta: float = 1.0
     lr: dict = field(default_factory=lambda: {"clm/linear": 1.5e-4, "clm/block": 4e-5, "full": 5e-5, "lora": 1e-3})
+    optim: dict = field(default_factory=lambda: dict.fromkeys(METHODS, "adamw_torch"))  # transformers' names
     alphas: tuple = ALPHAS
     variants: tuple = VARIANTS     # "layer/mode": the CLM variants swept
     baselines: tuple = BASELINES   # DPO methods compared with the CLM layer
@@ -156,12 +158,13 @@ def _conversational(rows: list, request_of: dict) -> list:
              "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]} for row in rows]
 
 
-def _train(cfg, method, lr, model, tokenizer, dataset, stage, name):
+def _train(cfg, key, model, tokenizer, dataset, stage, name):
+    """DPO of one method; `key` names its learning rate and optimizer in cfg (clm/linear, clm/block, full, lora)."""
     with stage(f"DPO {name}", cfg.dpo_steps) as bar, tempfile.TemporaryDirectory(prefix="clm-demo-") as tmp:
-        args = dpo.dpo_config(tmp, cfg.dpo_steps, cfg.dpo_batch, lr, cfg.beta, cfg.seed, cfg.device,
-                              max_length=cfg.max_length)
+        args = dpo.dpo_config(tmp, cfg.dpo_steps, cfg.dpo_batch, cfg.lr[key], cfg.beta, cfg.seed, cfg.device,
+                              max_length=cfg.max_length, optim=cfg.optim[key])
         torch.manual_seed(cfg.seed)  # LoRA's adapter initialisation
-        return dpo.train(method, model, tokenizer, dataset, args, progress=bar)
+        return dpo.train(key.partition("/")[0], model, tokenizer, dataset, args, progress=bar)
 
 
 def _train_info(result: dpo.DPOResult) -> dict:
@@ -256,7 +259,7 @@ def run(cfg: DemoConfig, out_dir: str, model: str = None, dataset_path: str = No
     results["baselines"] = {}
     _write(results, cfg, stage, out_dir)  # the layer's results stand alone while the baselines train
     for method in cfg.baselines:
-        trained = _train(cfg, method, cfg.lr[method], copy.deepcopy(base), tokenizer, dataset, stage, method)
+        trained = _train(cfg, method, copy.deepcopy(base), tokenizer, dataset, stage, method)
         if not toy:  # the baseline's weights, for `clm generate --model OUT/full-dpo`
             trained.model.save_pretrained(os.path.join(out_dir, f"{method}-dpo"))
             tokenizer.save_pretrained(os.path.join(out_dir, f"{method}-dpo"))
@@ -304,7 +307,7 @@ def _run_variants(cfg, variants, base, tokenizer, dataset, eval_prompts, out_dir
     results = {}
     for layer in dict.fromkeys(layer for layer, _ in variants):
         model = clm_ext.add_alignment_control(copy.deepcopy(base), mode="embed", layer=layer)
-        trained = _train(cfg, "clm", cfg.lr[f"clm/{layer}"], model, tokenizer, dataset, stage, f"CLM {layer}")
+        trained = _train(cfg, f"clm/{layer}", model, tokenizer, dataset, stage, f"CLM {layer}")
         layer_dir = os.path.join(out_dir, f"alignment-{layer}")
         clm_ext.save_alignment(trained.model, layer_dir)
         for v_layer, mode in variants:
