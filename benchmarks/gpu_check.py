@@ -249,6 +249,11 @@ print(json.dumps(dict(
 """
 
 
+def probe_python(c: Check) -> None:
+    """python, torch and device facts of the machine (PROBE) into c.facts."""
+    c.facts.update(json.loads(c.call([c.python, "-c", PROBE], "env.log", cwd=c.scratch).strip().splitlines()[-1]))
+
+
 def stage_env(c: Check) -> str:
     smi = shutil.which("nvidia-smi")
     if smi:
@@ -259,7 +264,7 @@ def stage_env(c: Check) -> str:
         c.facts["nvidia_smi"] = None
     nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
     c.facts["nvcc"] = _last_line(c.call([nvcc, "--version"], "env.log", cwd=c.scratch)) if nvcc.exists() else None
-    c.facts.update(json.loads(c.call([c.python, "-c", PROBE], "env.log", cwd=c.scratch).strip().splitlines()[-1]))
+    probe_python(c)
     c.facts["packages_before"] = c.importable(PACKAGES + ALSO_RECORDED)
     if (REPO / ".git").exists():
         c.facts["travel_bytes"] = travel_bytes(REPO)
@@ -588,7 +593,7 @@ def main(argv=None) -> int:
     print(f"[gpu-check] {'dry run' if c.dry else 'GPU run'}: scratch {c.scratch}, out {c.out}", flush=True)
     if only and "env" not in only:  # a rerun's summary still names its python, torch and device
         c.deadline = time.monotonic() + 60
-        c.facts.update(json.loads(c.call([c.python, "-c", PROBE], "env.log", cwd=c.scratch).strip().splitlines()[-1]))
+        probe_python(c)
     if only and "wheels" not in only:  # a rerun uses the wheels the first run installed into --scratch
         c.deadline = time.monotonic() + 60
         c.facts["packages_after"] = c.importable(PACKAGES + ALSO_RECORDED)

@@ -43,20 +43,27 @@ def build_trainer(out_dir, per_device_batch, callbacks=None, **options):
                          processing_class=tiny_tokenizer(), callbacks=callbacks)
 
 
-def worker(out_dir):
-    """Run by each rank: train 2 steps with 2 pairs per rank, save the first step's gradients and the weights."""
-    from safetensors.torch import save_file
+def keep_first_gradients(full_grad):
+    """A Trainer callback keeping each trainable parameter's gradient of the first step, read by
+    `full_grad(param)` (under FSDP a DTensor gathered whole); returns the callback and the dict it fills."""
     from transformers import TrainerCallback
 
-    first_grads = {}
+    grads = {}
 
     class KeepFirstGradients(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             if state.global_step == 0:
-                first_grads.update({f"grad.{n}": p.grad.detach().clone()
-                                    for n, p in model.named_parameters() if p.requires_grad})
+                grads.update({f"grad.{n}": full_grad(p).clone() for n, p in model.named_parameters() if p.requires_grad})
 
-    trainer = build_trainer(os.path.join(out_dir, "trainer"), per_device_batch=2, callbacks=[KeepFirstGradients()])
+    return KeepFirstGradients(), grads
+
+
+def worker(out_dir):
+    """Run by each rank: train 2 steps with 2 pairs per rank, save the first step's gradients and the weights."""
+    from safetensors.torch import save_file
+
+    keep, first_grads = keep_first_gradients(lambda p: p.grad.detach())
+    trainer = build_trainer(os.path.join(out_dir, "trainer"), per_device_batch=2, callbacks=[keep])
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights = {f"weight.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -21,7 +21,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from test_train_distributed import build_trainer, free_port  # noqa: E402
+from test_train_distributed import build_trainer, free_port, keep_first_gradients  # noqa: E402
 
 PROBE = torch.tensor([[2, 5, 6, 9, 12, 7], [2, 8, 4, 11, 3, 10]])
 
@@ -41,20 +41,12 @@ def worker(out_dir, resume=None):
     from safetensors.torch import save_file
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
-    from transformers import TrainerCallback
 
     import clm_ext
 
-    first_grads = {}
-
-    class KeepFirstGradients(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 0:
-                first_grads.update({f"grad.{n}": p.grad.full_tensor().clone()
-                                    for n, p in model.named_parameters() if p.requires_grad})
-
+    keep, first_grads = keep_first_gradients(lambda p: p.grad.full_tensor())
     fsdp_on_cpu()
-    trainer = build_trainer(os.path.join(out_dir, "trainer"), per_device_batch=2, callbacks=[KeepFirstGradients()],
+    trainer = build_trainer(os.path.join(out_dir, "trainer"), per_device_batch=2, callbacks=[keep],
                             bf16=os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16",
                             accelerator_config={"use_configured_state": True}, save_strategy="steps", save_steps=1)
     plugin = trainer.accelerator.state.fsdp_plugin

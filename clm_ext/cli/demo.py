@@ -18,32 +18,40 @@ def _floats(text: str) -> tuple:
     return values
 
 
-def _optimizers(items: list) -> dict:
+def _per_method(flag: str, items: list, what: str, parse) -> dict:
+    """`METHOD=VALUE` items of a repeatable flag -> {method: parse(item, value)}."""
     out = {}
     for item in items:
         key, _, value = item.partition("=")
         if key not in METHODS:
-            raise ValueError(f"--optim: {item!r} must be METHOD=NAME with METHOD clm/linear, clm/block, full or lora")
-        try:
-            out[key] = optimizer_name(value)
-        except argparse.ArgumentTypeError as e:
-            raise ValueError(f"--optim: {e}") from None
+            raise ValueError(f"{flag}: {item!r} must be METHOD={what} with METHOD clm/linear, clm/block, full or lora")
+        out[key] = parse(item, value)
     return out
+
+
+def _optimizer(item: str, value: str) -> str:
+    try:
+        return optimizer_name(value)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--optim: {e}") from None
+
+
+def _learning_rate(item: str, value: str) -> float:
+    try:
+        lr = float(value)
+    except ValueError:
+        raise ValueError(f"--lr: {item!r} has no number after '='") from None
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr: {item!r} must be a finite number > 0")
+    return lr
+
+
+def _optimizers(items: list) -> dict:
+    return _per_method("--optim", items, "NAME", _optimizer)
 
 
 def _learning_rates(items: list) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        if key not in METHODS:
-            raise ValueError(f"--lr: {item!r} must be METHOD=LR with METHOD clm/linear, clm/block, full or lora")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            raise ValueError(f"--lr: {item!r} has no number after '='") from None
-        if not (math.isfinite(out[key]) and out[key] > 0):
-            raise ValueError(f"--lr: {item!r} must be a finite number > 0")
-    return out
+    return _per_method("--lr", items, "LR", _learning_rate)
 
 
 def add_arguments(parser) -> None:
