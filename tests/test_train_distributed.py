@@ -71,6 +71,7 @@ def worker(out_dir):
     assert world == 2 and trainer.accelerator.distributed_type.value == "MULTI_CPU", trainer.accelerator.state
     assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
     save_file({**first_grads, **weights}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    trainer.accelerator.end_training()  # destroys the gloo group; left to exit, its threads can abort the process
 
 
 def free_port() -> int:

@@ -68,7 +68,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--alphas", help="comma-separated alphas to sweep, e.g. --alphas -1,0,1,2")
     parser.add_argument("--variants", help="comma-separated CLM variants layer/mode among linear/embed, linear/logits, "
-                        "block/embed, block/logits (default: linear/embed; toy: linear/embed,linear/logits,block/logits)")
+                        "block/embed, block/logits (default: block/logits; toy: linear/embed,linear/logits,block/logits)")
     parser.add_argument("--baselines", help="comma-separated DPO baselines among full,lora, or 'none' (default: none; "
                         "toy: full,lora)")
     parser.add_argument("--model-size", choices=["tiny", "small"], help="size of the toy model (default tiny)")

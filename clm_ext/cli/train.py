@@ -133,6 +133,9 @@ def run(args) -> int:
         last = next((h for h in reversed(history) if "loss" in h), {})
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in SUMMARY_KEYS if k in last)
         print(f"clm train: {args.method} done after {trainer.state.global_step} steps; {summary}; wrote {args.out}")
+    # Under a launcher, destroy the process group: left to interpreter exit, gloo's threads can abort the process
+    # (SIGABRT, "terminate called without an active exception") after a run that succeeded.
+    trainer.accelerator.end_training()
     return 0
 
 
