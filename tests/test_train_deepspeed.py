@@ -16,7 +16,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from test_train_distributed import build_trainer, free_port  # noqa: E402
+from test_train_distributed import build_trainer, free_port, leave  # noqa: E402
 from test_train_fsdp import PROBE  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def worker(out_dir, stage):
     with torch.no_grad():
         logits = model(PROBE).logits.float()
     save_file({**first_grads, "logits": logits}, os.path.join(out_dir, f"rank{rank}.safetensors"))
-    trainer.accelerator.end_training()  # destroys the gloo group; left to exit, its threads can abort the process
+    leave(trainer)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

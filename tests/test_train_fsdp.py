@@ -21,7 +21,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from test_train_distributed import build_trainer, free_port, keep_first_gradients  # noqa: E402
+from test_train_distributed import build_trainer, free_port, keep_first_gradients, leave  # noqa: E402
 
 PROBE = torch.tensor([[2, 5, 6, 9, 12, 7], [2, 8, 4, 11, 3, 10]])
 
@@ -67,7 +67,7 @@ def worker(out_dir, resume=None):
     with torch.no_grad():
         logits = model(PROBE).logits.float()
     save_file({**first_grads, "logits": logits}, os.path.join(out_dir, f"rank{rank}.safetensors"))
-    trainer.accelerator.end_training()  # destroys the gloo group; left to exit, its threads can abort the process
+    leave(trainer)
 
 
 def launch(precision, *worker_args):
