@@ -5,8 +5,6 @@ import os
 
 from ._checks import add_force_argument, check_out, optimizer_name, positive_float
 
-METHODS = ("clm/linear", "clm/block", "full", "lora")
-
 
 def _floats(text: str) -> tuple:
     try:
@@ -20,11 +18,14 @@ def _floats(text: str) -> tuple:
 
 def _per_method(flag: str, items: list, what: str, parse) -> dict:
     """`METHOD=VALUE` items of a repeatable flag -> {method: parse(item, value)}."""
+    from clm_ext.demo.pipeline import METHODS
+
+    names = f"{', '.join(METHODS[:-1])} or {METHODS[-1]}"
     out = {}
     for item in items:
         key, _, value = item.partition("=")
         if key not in METHODS:
-            raise ValueError(f"{flag}: {item!r} must be METHOD={what} with METHOD clm/linear, clm/block, full or lora")
+            raise ValueError(f"{flag}: {item!r} must be METHOD={what} with METHOD {names}")
         out[key] = parse(item, value)
     return out
 
