@@ -26,6 +26,7 @@ from .model import (
     save_alignment,
     set_alpha,
 )
+from .versions import TRAINER_TRL, require
 
 METHODS = ("clm", "full", "lora")
 
@@ -54,6 +55,7 @@ class CLMDPOTrainer(DPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
+        require("trl", TRAINER_TRL, "CLMDPOTrainer")
         if peft_config is not None:
             raise ValueError(
                 "peft_config: CLMDPOTrainer trains the alignment layer, not an adapter; "
