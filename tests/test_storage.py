@@ -250,6 +250,7 @@ CONCURRENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_saves_and_loads_never_fail_or_mix(tmp_path):
     """Two processes saving and two loading the same directory for 3 s: every load is one whole save."""
     target = str(tmp_path / "layer")
