@@ -14,7 +14,6 @@ import os
 
 import torch
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import create_model_from_path
 
 from . import checkpoints
 from .model import (
@@ -211,6 +210,8 @@ def _is_peft_model(model) -> bool:
 
 def _load_model(path: str, args: DPOConfig | None, quantization_config):
     """Load `path` the way TRL's DPOTrainer does (args.model_init_kwargs, float32 unless told otherwise)."""
+    from trl.trainer.utils import create_model_from_path  # here: not every trl release clm-ext installs with has it
+
     kwargs = dict((args.model_init_kwargs if args is not None else None) or {})
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
