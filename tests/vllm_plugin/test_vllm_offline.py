@@ -5,6 +5,8 @@ written raises; a block layer made for another model is refused at start-up."""
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 from checkpoints import LAYERS, exported  # noqa: F401  (the fixture; sets vLLM's environment first)
@@ -177,3 +179,11 @@ def test_a_block_layer_made_for_another_model_is_refused_at_start_up(exported, t
         _engine(str(path), enforce_eager=True)
     message = f"the block layer was made for {key}={value!r}, the model has {key}={have!r}"
     assert any(message in str(e) for e in _chain(err.value)), [str(e) for e in _chain(err.value)]
+
+
+def test_the_runtime_plugin_does_not_import_the_exporter():
+    """vLLM's processes load the plugin and the format it reads (clm_ext.vllm_format), not the exporter."""
+    code = ("import sys, clm_ext.vllm, clm_ext.vllm.models; clm_ext.vllm.register(); "
+            "print(sorted(m for m in sys.modules if m.startswith('clm_ext.vllm')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "clm_ext.vllm_format" in loaded and "clm_ext.vllm_export" not in loaded, loaded
