@@ -26,7 +26,7 @@ class OutputDirError(ValueError):
 def nonempty_path(path, what: str) -> str:
     """`path` as a string; an empty one is refused (it would silently mean the current directory)."""
     text = os.fspath(path) if path is not None else ""
-    if not str(text).strip():
+    if not text.strip():
         raise OutputDirError(f"{what}: expected a path, got an empty one")
     return text
 

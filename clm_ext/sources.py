@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .output_dirs import make_dir, nonempty_path
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -82,9 +84,10 @@ def resolve_model(name_or_path: str, *, progress: Optional[Callable[[str], None]
     """
     if name_or_path in PACKAGED:
         return str(_packaged(name_or_path, progress))
-    if not str(os.fspath(name_or_path)).strip():
-        raise ModelSourceError("--model: expected a model name or path, got an empty one")
-    path = Path(os.path.expanduser(os.fspath(name_or_path)))
+    try:
+        path = Path(os.path.expanduser(nonempty_path(name_or_path, "--model")))
+    except ValueError as e:
+        raise ModelSourceError(str(e)) from None
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"--model: no config.json in {path}; give a checkpoint directory "
@@ -141,7 +144,6 @@ def _convert(gguf_file: Path, target: Path, progress) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .output_dirs import make_dir
 
     if importlib.util.find_spec("gguf") is None:
         raise ModelSourceError("reading a GGUF file needs the `gguf` package: `pip install gguf`")

@@ -24,6 +24,8 @@ from typing import Dict, Iterator, Tuple
 import torch
 from torch import Tensor
 
+from .output_dirs import nonempty_path
+
 CONFIG_NAME = "alignment_config.json"
 LEGACY_WEIGHTS_NAME = "alignment.safetensors"
 LOCK_NAME = ".alignment.lock"
@@ -65,7 +67,7 @@ def write_layer(directory: str, tensors: Dict[str, Tensor], info: dict) -> str:
     """Save `tensors` and the config `info` as a format-2 layer in `directory` (created if missing)."""
     from safetensors.torch import save
 
-    directory = os.path.abspath(_nonempty(directory, "save_alignment"))
+    directory = os.path.abspath(nonempty_path(directory, "save_alignment"))
     check_target(directory)
     os.makedirs(directory, exist_ok=True)
     with _save_lock(directory):
@@ -87,7 +89,7 @@ def write_layer(directory: str, tensors: Dict[str, Tensor], info: dict) -> str:
 
 def read_layer(directory: str) -> Tuple[dict, Dict[str, Tensor]]:
     """The checked config and tensors of the layer saved in `directory` (format 1 or 2)."""
-    directory = _nonempty(directory, "load_alignment")
+    directory = nonempty_path(directory, "load_alignment")
     for _ in range(_READ_ATTEMPTS):
         text = _read_config_text(directory)
         info = parse_config(text, os.path.join(directory, CONFIG_NAME))
@@ -108,7 +110,7 @@ def read_layer(directory: str) -> Tuple[dict, Dict[str, Tensor]]:
 
 def read_config(directory: str) -> dict:
     """The checked config of the layer saved in `directory`."""
-    directory = _nonempty(directory, "load_alignment")
+    directory = nonempty_path(directory, "load_alignment")
     return parse_config(_read_config_text(directory), os.path.join(directory, CONFIG_NAME))
 
 
@@ -149,13 +151,6 @@ def _read_config_text(directory: str) -> str:
         raise PermissionError(f"load_alignment: cannot read {path}: permission denied") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"load_alignment: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _nonempty(directory, what: str) -> str:
-    directory = os.fspath(directory)
-    if not directory.strip():  # would silently mean the current directory
-        raise ValueError(f"{what}: expected a directory, got an empty path")
-    return directory
 
 
 def _checked_tensors(data: bytes, path: str, dtype_name=None) -> Dict[str, Tensor]:

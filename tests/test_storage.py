@@ -406,6 +406,6 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, 
     before = _layer_files(tmp_path), open(tmp_path / "alignment_config.json").read()
     for call in (lambda: clm_ext.save_alignment(_model(2), ""), lambda: clm_ext.load_alignment(_model(2), ""),
                  lambda: clm_ext.model.read_alignment_config("")):
-        with pytest.raises(ValueError, match="expected a directory, got an empty path"):
+        with pytest.raises(ValueError, match="expected a path, got an empty one"):
             call()
     assert (_layer_files(tmp_path), open(tmp_path / "alignment_config.json").read()) == before
