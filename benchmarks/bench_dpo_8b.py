@@ -7,9 +7,10 @@ target device in bf16 (`to_empty`, then normal(0, 0.02) weights, unit norms, the
 
 Providers, each in a fresh subprocess (its own allocator, so torch.cuda.max_memory_allocated is its own):
 - clm: CLMDPOTrainer on the linear layer (reference = the same model at alpha 0, no copy);
-- clm-block: CLMDPOTrainer on the paper's block layer;
 - full: TRL DPOTrainer, every weight trains, a frozen reference copy, AdamW on bf16 weights (bf16 states);
-- lora: TRL DPOTrainer + PEFT LoRA r 16 on every linear layer.
+- clm-block: CLMDPOTrainer on the paper's block layer;
+- lora: TRL DPOTrainer + PEFT LoRA r 16 on every linear layer (all but the head).
+In this order (of value: the headline is clm against full), so that a run cut short keeps the headline.
 Each: 4 preference pairs of 512 prompt + 512 completion tokens, gradient checkpointing on, 1 warm-up step
 then 3 timed steps. If a provider runs out of GPU memory, the OOM is recorded (metric oom_at_pairs) and the
 batch is halved, one short run (1 warm-up + 1 timed step) per try, down to 1 pair: the largest batch that
@@ -78,6 +79,10 @@ def materialise(shape: str, device: torch.device, dtype: torch.dtype):
     return model
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def worker(provider: str, shape: str, pairs: int, warmup: int, steps: int, device: torch.device,
            dtype: torch.dtype) -> dict:
     """One provider in this process: materialise, train warmup + steps, return timings and memory (or the OOM)."""
@@ -100,7 +105,7 @@ def worker(provider: str, shape: str, pairs: int, warmup: int, steps: int, devic
     extra = {"peft_config": default_lora_config(LORA_R)} if provider == "lora" else {}
     times = []
     result = dict(provider=provider, pairs=pairs, materialise_s=materialise_s,
-                  shape=f"{shape}: {base_params / 1e9:.2f}B params, {pairs} pairs, seq={prompt}+{completion}, "
+                  shape=f"{shape}: {_count(base_params)} params, {pairs} pairs, seq={prompt}+{completion}, "
                         f"checkpointing on")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DPOConfig(output_dir=tmp, per_device_train_batch_size=pairs, max_steps=warmup + steps,
@@ -109,11 +114,11 @@ def worker(provider: str, shape: str, pairs: int, warmup: int, steps: int, devic
                         dataloader_pin_memory=False, seed=0, disable_tqdm=True, bf16=False,
                         gradient_checkpointing=True, optim="adamw_torch")
         data = bench_dpo.dataset(pairs * (warmup + steps), prompt, completion, vocab)
-        trainer = make_dpo_trainer(TRAINER[provider], model, cfg, data, bench_dpo.tokenizer(vocab), **extra)
-        trainer.add_callback(bench_dpo.step_timer(device, times))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        try:
+        try:  # the reference copy of "full" is made here: an OOM can come before the first step
+            trainer = make_dpo_trainer(TRAINER[provider], model, cfg, data, bench_dpo.tokenizer(vocab), **extra)
+            trainer.add_callback(bench_dpo.step_timer(device, times))
             trainer.train()
         except torch.OutOfMemoryError as e:
             result.update(oom=True, error=str(e).splitlines()[0][:300])
@@ -183,7 +188,7 @@ def record(rows: common.Rows, r: dict, case: str = "dpo_step") -> None:
     mem = "peak_bytes" if "peak_bytes" in r else "accounted_bytes"
     rows.add(case, shape, provider, mem, "B", r[mem])
     print(f"  {provider:9s} {shape}: step {common.quantiles(r['step_s'])[0]:.3f} s "
-          f"(first {r['first_step_s']:.2f} s), {mem} {r[mem] / 2**30:.2f} GiB, "
+          f"(first {r['first_step_s']:.2f} s), {mem} {r[mem] / 2**20:.0f} MiB, "
           f"materialised in {r['materialise_s']:.1f} s", flush=True)
 
 

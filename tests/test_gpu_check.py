@@ -348,3 +348,20 @@ def test_bench_dpo_8b_smoke_measures_clm_and_full_from_a_meta_built_model(tmp_pa
 
     every = sum(p.numel() for p in bench_dpo_8b.materialise("tiny", torch.device("cpu"), torch.float32).parameters())
     assert trainable == {"clm": 64 * 64 + 64, "full": every}  # the d x d layer and its bias; every weight
+
+
+def test_bench_generate_takes_models_and_new_tokens_and_gives_the_per_round_ratio(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "benchmarks" / "bench_generate.py")
+    bench_generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_generate)
+    with pytest.raises(SystemExit, match="--models: unknown nope"):
+        bench_generate.main(["--device", "cpu", "--smoke", "--models", "nope"])
+    with pytest.raises(SystemExit, match="--new-tokens: expected a positive"):
+        bench_generate.main(["--device", "cpu", "--smoke", "--new-tokens", "0"])
+    assert bench_generate.main(["--device", "cpu", "--smoke", "--threads", "1", "--models", "tiny", "--new-tokens",
+                                "3", "--repeats", "3", "--providers", "base,merged", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_generate_cpu.json").read_text())
+    ratio = {r["provider"]: r for r in rows if r["metric"] == "tokens_per_s_vs_base"}
+    assert ratio["base"]["median"] == ratio["base"]["p20"] == ratio["base"]["p80"] == 1.0
+    assert ratio["merged"]["n"] == 3 and ratio["merged"]["p20"] <= ratio["merged"]["median"] <= ratio["merged"]["p80"]
+    assert all("new=3" in r["shape"] for r in rows)
