@@ -55,10 +55,12 @@ MODEL_TESTS = ("tests/test_model_device.py",)
 TRAVEL_LIMIT = 64 * 2**20  # the device tool carries at most this much of the working tree
 RESERVE_S = 15.0  # kept back from the stages for the summary and packing
 CALL_LIMIT_S = 540  # one call on the lent machine: its command runs at most 600 s, start-up and packing around
-# New kernels other work adds to csrc/ (the K-dial mix, csrc/dial_mix.cpp): their CUDA tests and op benchmark
-# run when the files exist, and are skipped with a line when they do not.
+# New kernels other work adds to csrc/ (the K-dial mix, csrc/dial_mix.cpp): their CUDA tests run when the files
+# exist and are skipped with a line when they do not; their ops join the build stage's check when registered.
+# Their op benchmark is bench_op's case NEW_KERNEL_CASE (run by bench-op; summarised by new_kernel_op_lines).
 NEW_KERNEL_TESTS = ("tests/test_dial_mix.py",)
-NEW_KERNEL_BENCH = "benchmarks/bench_dial_mix.py"
+NEW_KERNEL_OPS = ("dial_mix", "dial_mix_backward", "dial_embedding_lerp")
+NEW_KERNEL_CASE = "dial_mix"
 # Why vllm-gpu skips on the H200 machine: no vLLM there (KINDS.md's package list, 2026-11-17), and the wheel
 # cannot travel: a PyPI look-up on 2026-12-02 gave vllm 0.34.0's x86-64 wheel as 228.0 MiB, pinning torch 2.13.0.
 VLLM_CANNOT_CARRY = ("vLLM is not installed on this machine, and its CUDA wheel cannot be carried: vllm 0.34.0's "
@@ -327,7 +329,7 @@ import clm_ext
 key, src = sys.argv[1:]
 assert clm_ext.__file__.startswith(src), f"clm_ext came from {clm_ext.__file__}, not the scratch copy {src}"
 ops = ["alignment_mix", "alignment_mix_backward", "embed_alignment_mix", "embed_alignment_mix_backward",
-       "embedding_lerp"]
+       "embedding_lerp"] + [op for op in sys.argv[3:] if hasattr(torch.ops.clm_ext, op)]  # new ops, when built
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("clm_ext::" + op, key)]
 assert not missing, f"no {key} kernel registered for {missing}"
 print(f"{len(ops)} ops have {key} kernels, built against torch {torch.__version__} in {src}")
@@ -349,7 +351,8 @@ def stage_build(c: Check) -> str:
         env.setdefault("CUDA_HOME", "/usr/local/cuda")
     c.call([c.python, "setup.py", "-q", "build_ext", "--inplace", "--build-temp", c.scratch / "build-temp"],
            "build.log", env=env)
-    return _last_line(c.call([c.python, "-c", BUILT, "CPU" if c.dry else "CUDA", c.src], "build.log"))
+    return _last_line(c.call([c.python, "-c", BUILT, "CPU" if c.dry else "CUDA", c.src, *NEW_KERNEL_OPS],
+                             "build.log"))
 
 
 def _pytest(c: Check, name: str, files: tuple, select: str) -> str:
@@ -484,39 +487,40 @@ def stage_vllm_gpu(c: Check) -> str:
     return summary + "; bench_vllm: " + _last_line((c.logs / "vllm-gpu.log").read_text())
 
 
-def _collected(text: str) -> int:
-    import re
-
-    m = re.search(r"(\d+)(?:/\d+)? tests? collected", text)
-    return int(m.group(1)) if m else 0
-
-
 def new_kernel_tests(c: Check, parts: list, failed: list) -> None:
-    """NEW_KERNEL_TESTS that exist, their CUDA parametrisations; the dry run checks that selection is not empty."""
+    """NEW_KERNEL_TESTS that exist: their CUDA parametrisations (dry run: the CPU ones of their opcheck tests,
+    as op-tests does; such files parametrise CUDA only where a GPU is seen)."""
     for test in NEW_KERNEL_TESTS:
         if not (c.src / test).exists():
             parts.append(f"{test}: absent, skipped")
-        elif c.dry:  # the CPU cannot run CUDA tests: check that the GPU's selection is not empty
-            n = _collected(c.call([c.python, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                                   test, "-k", "cuda"], "new-kernels.log", check=False))
-            (parts if n else failed).append(f"{test}: {n} CUDA tests collected")
-        else:
-            try:
-                parts.append(f"{test}: " + _pytest(c, "new-kernels-tests", (test,), "cuda"))
-            except Failed as e:
-                failed.append(f"{test}: {e}")
+            continue
+        try:
+            parts.append(f"{test}: " + _pytest(c, "new-kernels-tests", (test,), "cpu and opcheck" if c.dry else "cuda"))
+        except Failed as e:
+            failed.append(f"{test}: {e}")
 
 
 def new_kernel_bench(c: Check, parts: list, failed: list) -> None:
-    if not (c.src / NEW_KERNEL_BENCH).exists():
-        parts.append(f"{NEW_KERNEL_BENCH}: absent, skipped")
-        return
-    size = ["--device", "cpu", "--smoke", *_threads()] if c.dry else ["--device", "cuda", "--quick"]
-    try:
-        text = c.call([c.python, NEW_KERNEL_BENCH, *size, "--out", c.results / "new-kernels"], "new-kernels.log")
-        parts.append(f"{NEW_KERNEL_BENCH}: {_last_line(text)}")
-    except Failed as e:
-        failed.append(f"{NEW_KERNEL_BENCH}: {e}")
+    """Where the op benchmark of the new kernels is: bench_op's NEW_KERNEL_CASE cases, run by bench-op."""
+    bench_op = c.src / "benchmarks" / "bench_op.py"
+    if bench_op.exists() and NEW_KERNEL_CASE in bench_op.read_text():
+        parts.append(f"op benchmark: bench_op's {NEW_KERNEL_CASE} cases, in the bench-op stage (call 2)")
+    else:
+        parts.append(f"op benchmark: bench_op has no {NEW_KERNEL_CASE} case, skipped")
+
+
+def new_kernel_op_lines(results: Path) -> list:
+    """bench_op's NEW_KERNEL_CASE rows: per case and phase, the op's time against the eager composition."""
+    rows = [r for p in results.glob("bench_op_*.json") for r in json.loads(p.read_text())
+            if r["case"].startswith(NEW_KERNEL_CASE + "/") and r["metric"] == "time_s"]
+    times = {(r["case"], r["shape"], r["provider"]): r["median"] for r in rows}
+    lines = []
+    for case, shape, provider in times:
+        if provider == "clm" and (case, shape, "eager") in times:
+            clm = times[(case, shape, "clm")]
+            lines.append(f"{case} {shape}: clm {clm * 1e3:.3f} ms, eager / clm "
+                         f"{times[(case, shape, 'eager')] / clm:.2f}x")
+    return lines
 
 
 def serve_on_device(c: Check, parts: list, failed: list) -> None:
@@ -638,6 +642,7 @@ def stage_summary(c: Check) -> str:
     if not any(c.results.glob("*.json")):
         raise Skipped("no benchmark results")
     c.facts["targets"] = target_lines(c.results)  # first: it needs no matplotlib
+    c.facts["new_kernel_op"] = new_kernel_op_lines(c.results)
     text = c.call([c.python, "-m", "clm_ext.cli", "bench", "plot", "--results", c.results, "--table"], "summary.log")
     c.facts["table"] = "\n".join(ln for ln in text.splitlines() if ln.startswith("|") or ln.startswith("Side-by"))
     met = sum("| yes |" in ln for ln in c.facts["targets"])
@@ -717,7 +722,7 @@ def run_stages(c: Check, stages, only=None, rerun: bool = None) -> list:
 def write_outputs(c: Check) -> list:
     """summary.md, summary.json, gpu_check.log and gpu_check.tar.gz into OUT (the device tool returns 8 files)."""
     f = c.facts
-    tables = ("table", "targets", "dpo_8b", "generate_long", "new_kernels")  # summary.md holds them
+    tables = ("table", "targets", "dpo_8b", "generate_long", "new_kernels", "new_kernel_op")  # in summary.md
     summary = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run=c.dry,
                    device_name=f.get("device_name"), torch=f.get("torch"), python=f.get("python"),
                    stages=c.records, env={k: v for k, v in f.items() if k not in tables})
@@ -734,10 +739,12 @@ def write_outputs(c: Check) -> list:
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['detail'].replace('|', '/')} |" for r in c.records]
     sections = (("dpo_8b", "DPO at 8B scale (`benchmarks/bench_dpo_8b.py`)"),
                 ("generate_long", "Generation, longer run (mixed alphas / alpha 1 / merged against the base)"),
-                ("new_kernels", "New kernels and the serving engine on the device"))
+                ("new_kernels", "New kernels and the serving engine on the device"),
+                ("new_kernel_op", f"New kernels' op benchmark (bench_op's {NEW_KERNEL_CASE} cases)"))
     for key, title in sections:
         if f.get(key):
-            lines += ["", f"## {title}", ""] + (f[key] if key != "new_kernels" else [f"- {x}" for x in f[key]])
+            lines += ["", f"## {title}", ""] + (f[key] if key in ("dpo_8b", "generate_long") else
+                                                [f"- {x}" for x in f[key]])
     if f.get("targets"):
         lines += ["", "## Design targets (design.md section 5)", ""] + f["targets"]
     if f.get("table"):

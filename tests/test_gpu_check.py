@@ -314,13 +314,24 @@ def test_new_kernel_tests_are_picked_up_when_present_and_skipped_with_a_line_whe
     assert parts == [f"{t}: absent, skipped" for t in gpu_check.NEW_KERNEL_TESTS] and failed == []
     test = c.src / gpu_check.NEW_KERNEL_TESTS[0]
     test.parent.mkdir(parents=True)
-    test.write_text("import pytest\n@pytest.mark.parametrize('device', ['cpu', 'cuda'])\n"
-                    "def test_mix(device):\n    pass\n")
+    # Parametrised as such files are: CUDA only where a GPU is seen; the dry run runs the CPU opcheck.
+    body = ("import pytest, torch\nDEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])\n"
+            "@pytest.mark.parametrize('device', DEVICES)\ndef test_opcheck(device):\n    assert {}\n")
+    test.write_text(body.format("True"))
     gpu_check.new_kernel_tests(c, parts, failed)
-    assert parts[-1] == f"{gpu_check.NEW_KERNEL_TESTS[0]}: 1 CUDA tests collected" and failed == []
-    test.write_text("def test_mix_on_cpu():\n    pass\n")  # no CUDA test: the GPU would run nothing
+    assert parts[-1].startswith(f"{gpu_check.NEW_KERNEL_TESTS[0]}: 1 passed") and failed == []
+    test.write_text(body.format("False"))
     gpu_check.new_kernel_tests(c, parts, failed)
-    assert failed == [f"{gpu_check.NEW_KERNEL_TESTS[0]}: 0 CUDA tests collected"]
+    assert len(failed) == 1 and "1 failed" in failed[0]
+
+
+def test_new_kernel_op_rows_give_the_op_against_the_eager_composition(tmp_path):
+    case = gpu_check.NEW_KERNEL_CASE + "/K=3/fwdbwd"
+    rows = [_row(case, "clm", "time_s", 0.002, shape="N=16384 d=4096"),
+            _row(case, "eager", "time_s", 0.005, shape="N=16384 d=4096"),
+            _row("alignment_mix/per_seq/fwdbwd", "clm", "time_s", 0.001, shape="N=16384 d=4096")]
+    (tmp_path / "bench_op_cuda.json").write_text(json.dumps(rows))
+    assert gpu_check.new_kernel_op_lines(tmp_path) == [f"{case} N=16384 d=4096: clm 2.000 ms, eager / clm 2.50x"]
 
 
 @pytest.mark.slow
