@@ -653,7 +653,7 @@ def stage_summary(c: Check) -> str:
 STAGES = (
     Stage("env", 30, 60, stage_env),
     Stage("wheels", 30, 60, stage_wheels, ("env",)),
-    Stage("build", 75, 300, stage_build, ("wheels",)),
+    Stage("build", 75, 600, stage_build, ("wheels",)),  # dry: a full CPU build on a shared 2-core machine
     Stage("dpo-8b", 205, 300, stage_dpo_8b, ("build",)),
     Stage("vllm-gpu", 10, 30, stage_vllm_gpu, ("build",)),
     Stage("new-kernels", 60, 150, stage_new_kernels, ("build",)),
