@@ -326,7 +326,7 @@ BUILT = """
 import sys
 import torch
 import clm_ext
-key, src = sys.argv[1:]
+key, src = sys.argv[1:3]
 assert clm_ext.__file__.startswith(src), f"clm_ext came from {clm_ext.__file__}, not the scratch copy {src}"
 ops = ["alignment_mix", "alignment_mix_backward", "embed_alignment_mix", "embed_alignment_mix_backward",
        "embedding_lerp"] + [op for op in sys.argv[3:] if hasattr(torch.ops.clm_ext, op)]  # new ops, when built

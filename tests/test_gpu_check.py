@@ -376,3 +376,16 @@ def test_bench_generate_takes_models_and_new_tokens_and_gives_the_per_round_rati
     assert ratio["base"]["median"] == ratio["base"]["p20"] == ratio["base"]["p80"] == 1.0
     assert ratio["merged"]["n"] == 3 and ratio["merged"]["p20"] <= ratio["merged"]["median"] <= ratio["merged"]["p80"]
     assert all("new=3" in r["shape"] for r in rows)
+
+
+def test_build_check_takes_the_new_ops_and_checks_those_registered():
+    """The build stage's check: the five ops always, the new kernels' ops when this build registers them."""
+    proc = subprocess.run([sys.executable, "-c", gpu_check.BUILT, "CPU", str(REPO), *gpu_check.NEW_KERNEL_OPS],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import torch
+
+    import clm_ext  # noqa: F401  (registers the ops)
+
+    registered = sum(hasattr(torch.ops.clm_ext, op) for op in gpu_check.NEW_KERNEL_OPS)
+    assert proc.stdout.startswith(f"{5 + registered} ops have CPU kernels")
