@@ -94,5 +94,5 @@ def test_the_converted_checkpoint_honours_the_umask(tmp_path, monkeypatch):
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o755
-    assert (tmp_path / "cache" / "models").is_dir() and os.listdir(tmp_path / "cache" / "models") == [os.path.basename(path)]
+    assert os.listdir(tmp_path / "cache" / "models") == [os.path.basename(path)]  # no temporary folder left
     assert json.loads(open(os.path.join(path, "config.json")).read())["model_type"] == "llama"

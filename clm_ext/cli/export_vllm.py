@@ -6,7 +6,8 @@ from ._checks import add_force_argument
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="the base model: a local Hugging Face directory (safetensors)")
-    parser.add_argument("--alignment", required=True, help="a layer written by clm_ext.save_alignment / clm train")
+    parser.add_argument("--alignment", required=True,
+                        help="a layer written by clm_ext.save_alignment / clm train (linear or block, mode embed)")
     parser.add_argument("--out", required=True, help="the directory to write: new or empty (or with --force, "
                         "written into), apart from --model and --alignment")
     parser.add_argument("--default-alpha", type=float, default=1.0,
