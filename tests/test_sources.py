@@ -80,7 +80,7 @@ def test_the_converted_checkpoint_honours_the_umask(tmp_path, monkeypatch):
     """A converted model in the cache is readable as the umask allows (a service account may serve it), not
     0700. The GGUF reading is stood in for by a tiny model; the folder handling is the real one."""
     import transformers
-    from conftest import tiny_causal_lm, tiny_tokenizer
+    from helpers import tiny_causal_lm, tiny_tokenizer
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_causal_lm())
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny_tokenizer())
