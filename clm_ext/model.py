@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from . import storage
-from .layer import MODES, AlignedEmbedding, AlignmentBlock, AlignmentSite, as_alpha
+from .alpha import alpha_tensor
+from .layer import MODES, AlignedEmbedding, AlignmentBlock, AlignmentSite
 
 LAYERS = ("linear", "block")
 BLOCK_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma")
@@ -305,7 +306,7 @@ def merge_alignment(model: nn.Module, alpha: float = 1.0) -> nn.Module:
     mixes two networks' outputs, which no single table can reproduce.
     """
     site = _site(model, "merge_alignment")
-    alpha = as_alpha(alpha, "merge_alignment: alpha")
+    alpha = alpha_tensor(alpha, "merge_alignment: alpha")
     if alpha.dim() != 0:
         raise ValueError("merge_alignment: alpha must be a single number (a merged model has one alignment strength)")
     alpha = float(alpha)

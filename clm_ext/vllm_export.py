@@ -8,12 +8,12 @@ picks the plugin. This module is the format both sides share; it imports neither
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 
 from . import storage
+from .alpha import alpha_number
 
 # Base architecture -> the plugin's class for it.
 ARCHITECTURES = {
@@ -24,19 +24,6 @@ LAYER_FILE = "clm_alignment.safetensors"
 LAYER_PREFIX = "model.embed_tokens.alignment."  # + "weight" / "bias"
 CONFIG_KEY = "clm_alignment"  # in config.json: {"default_alpha": ..., "layer": ..., "mode": ...}
 INDEX_NAME = "model.safetensors.index.json"
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # the per-token alpha buffer is float32
-
-
-def check_alpha(value, name: str = "alpha") -> float:
-    """A request's alpha as a float: a real number finite in float32 (bools and strings refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-        raise ValueError(f"{name} must be finite (in float32), got {value}")
-    return value
 
 
 def _read_json(path: str) -> dict:
@@ -97,7 +84,7 @@ def export_for_vllm(model_dir: str, alignment_dir: str, out: str, *, default_alp
     from safetensors.torch import save_file
 
     model_dir, alignment_dir, out = (os.path.abspath(os.fspath(p)) for p in (model_dir, alignment_dir, out))
-    default_alpha = check_alpha(default_alpha, "--default-alpha")
+    default_alpha = alpha_number(default_alpha, "--default-alpha")
     config, info, layer = _plan(model_dir, alignment_dir)
     _check_out(out, force)
     parent = os.path.dirname(out)

@@ -14,7 +14,8 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from .. import ops
-from ..vllm_export import CONFIG_KEY, check_alpha
+from ..alpha import alpha_number
+from ..vllm_export import CONFIG_KEY
 from .alpha import TokenAlpha
 
 
@@ -57,7 +58,7 @@ class ClmModelMixin:
             )
         if model_config.enable_prompt_embeds:
             raise ValueError("clm-ext: --enable-prompt-embeds bypasses the token embedding and so the alignment dial")
-        default_alpha = check_alpha(info.get("default_alpha", 1.0), f"{CONFIG_KEY}.default_alpha")
+        default_alpha = alpha_number(info.get("default_alpha", 1.0), f"{CONFIG_KEY}.default_alpha")
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         embedding = getattr(self.model, "embed_tokens", None)
         # Under pipeline parallelism only the first stage embeds; the others have no dial to turn.
