@@ -27,19 +27,21 @@ def generate(
     model: nn.Module,
     tokenizer,
     prompts: Union[str, Sequence[str]],
-    alphas: Optional[Union[float, Sequence[float]]] = None,
+    alphas: Optional[Union[float, dict, Sequence[Union[float, dict]]]] = None,
     **generate_kwargs,
 ) -> List[str]:
     """Complete `prompts`, each at its own alpha, in one left-padded batch; return the completions.
 
     prompts: a list of strings, with `alphas` one float for all or one per prompt; or a single string,
     with `alphas` a list: that prompt at every alpha (a sweep). alphas=None uses the model's current alpha.
+    A model with named dials takes dicts {dial: alpha} in place of numbers: one dict for all prompts, or one
+    per prompt (a dial a dict leaves out is at 0).
     generate_kwargs go to `model.generate` (max_new_tokens defaults to 32; with num_return_sequences=n the
     result holds n completions per prompt, consecutive). The model's alpha is restored afterwards.
     """
     site = _site(model, "generate")
     if isinstance(prompts, str):
-        if alphas is None or _is_one_alpha(alphas):
+        if alphas is None or isinstance(alphas, dict) or _is_one_alpha(alphas):
             prompts = [prompts]
         else:
             prompts = [prompts] * len(alphas)
@@ -48,10 +50,12 @@ def generate(
         raise TypeError("generate: prompts must be a string or a non-empty list of strings")
     if alphas is None:
         alpha = site.alpha
+    elif isinstance(alphas, dict):
+        alpha = alphas
     elif _is_one_alpha(alphas):
         alpha = float(alphas)
     else:
-        alpha = [float(a) for a in alphas]
+        alpha = [a if isinstance(a, dict) else float(a) for a in alphas]
         if len(alpha) != len(prompts):
             raise ValueError(
                 f"generate: alphas has {len(alpha)} values but there are {len(prompts)} prompts "
