@@ -281,3 +281,85 @@ def test_bad_alphas_and_names_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="hidden_size"):
         clm_ext.load_alignment(model, tmp_path / "small")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------
+# Training one dial at a time.
+
+ROWS = [
+    {"prompt": "the cat", "chosen": " is happy today", "rejected": " is sad"},
+    {"prompt": "a dog", "chosen": " sings", "rejected": " hate the moon"},
+    {"prompt": "the sun", "chosen": " shines here and there", "rejected": " falls"},
+    {"prompt": "a bird", "chosen": " is very good", "rejected": " is not good but bad"},
+]
+
+
+def dpo_config(tmp_path, **overrides):
+    from trl import DPOConfig
+
+    options = dict(output_dir=str(tmp_path / "trainer"), report_to="none", per_device_train_batch_size=4,
+                   learning_rate=1e-2, max_steps=3, logging_steps=1, save_strategy="no", use_cpu=True, bf16=False,
+                   max_length=32, disable_tqdm=True, seed=0)
+    options.update(overrides)
+    return DPOConfig(**options)
+
+
+def test_training_one_dial_leaves_the_others_and_the_base_bit_identical(tmp_path):
+    from clm_ext.preferences import validate_preferences
+    from clm_ext.train import CLMDPOTrainer
+
+    model = dial_model("llama", dials=("positive", "concise", "simple"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = CLMDPOTrainer(model, args=dpo_config(tmp_path), train_dataset=validate_preferences(ROWS),
+                            processing_class=tiny_tokenizer(), dial="concise", fixed_alphas={"positive": 0.5})
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "model.embed_tokens.dials.concise.weight", "model.embed_tokens.dials.concise.bias"}
+    trainer.train()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"model.embed_tokens.dials.concise.weight", "model.embed_tokens.dials.concise.bias"}
+    trainer.save_model(str(tmp_path / "concise"))
+    config = json.loads((tmp_path / "concise" / "alignment_config.json").read_text())
+    assert config["dial"] == "concise" and config["num_parameters"] == 32 * 32 + 32
+
+
+def test_one_dial_training_step_equals_trl_with_an_explicit_reference(tmp_path, monkeypatch):
+    """The policy is the model with the trained dial at 1 and the others fixed; the reference the same with that
+    dial at 0: one step equals TRL's DPOTrainer given that reference as a separate frozen model."""
+    import trl.trainer.dpo_trainer as trl_dpo
+    from trl import DPOTrainer
+
+    from clm_ext.preferences import validate_preferences
+    from clm_ext.train import CLMDPOTrainer
+
+    def no_reference_load(*args, **kwargs):
+        raise AssertionError("CLMDPOTrainer must not load a reference model")
+
+    monkeypatch.setattr(trl_dpo, "create_model_from_path", no_reference_load)
+    dataset, tokenizer = validate_preferences(ROWS), tiny_tokenizer()
+    policy = dial_model("llama")
+    trl_policy, reference = copy.deepcopy(policy), copy.deepcopy(policy)
+    clm_ext.set_alpha(trl_policy, {"positive": -0.75, "concise": 1.0})
+    alignment_site(trl_policy).dial("positive").requires_grad_(False)
+    clm_ext.set_alpha(reference, {"positive": -0.75, "concise": 0.0})
+
+    ours = CLMDPOTrainer(policy, args=dpo_config(tmp_path), train_dataset=dataset, processing_class=tokenizer,
+                         dial="concise", fixed_alphas={"positive": -0.75})
+    theirs = DPOTrainer(trl_policy, ref_model=reference, args=dpo_config(tmp_path), train_dataset=dataset,
+                        processing_class=tokenizer)
+    batch = ours.data_collator([ours.train_dataset[i] for i in range(len(ROWS))])
+    results = []
+    for trainer in (ours, theirs):
+        trainer.model.train()
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        margins = trainer._metrics["train"]["rewards/margins"][-1]
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), margins, grads))
+    (loss, margins, grads), (ref_loss, ref_margins, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    assert margins != 0.0 and margins == pytest.approx(ref_margins, rel=1e-6, abs=1e-7)
+    assert grads.keys() == ref_grads.keys() == {"model.embed_tokens.dials.concise.weight",
+                                                "model.embed_tokens.dials.concise.bias"}
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
