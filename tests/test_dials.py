@@ -363,3 +363,27 @@ def test_one_dial_training_step_equals_trl_with_an_explicit_reference(tmp_path, 
     assert grads.keys() == ref_grads.keys() == {"model.embed_tokens.dials.concise.weight",
                                                 "model.embed_tokens.dials.concise.bias"}
     torch.testing.assert_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_clm_train_dial_writes_one_named_dial(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from clm_ext.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    common = ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", "4", "--lr", "1e-2",
+              "--max-length", "32", "--max-steps", "2", "--save-steps", "100"]
+    assert main([*common, "--out", str(tmp_path / "concise"), "--dial", "concise"]) == 0
+    assert json.loads((tmp_path / "concise" / "alignment_config.json").read_text())["dial"] == "concise"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    clm_ext.load_alignment(model, tmp_path / "concise")
+    assert alignment_site(model).dial_names == ["concise"]
+    assert not torch.equal(alignment_site(model).dial("concise").weight, torch.eye(32))
+    with pytest.raises(SystemExit, match="^clm train: --dial trains a named linear dial"):
+        main([*common, "--out", str(tmp_path / "x"), "--dial", "concise", "--layer", "block"])
+    with pytest.raises(SystemExit, match="^clm train: --dial: .*not a usable dial name"):
+        main([*common, "--out", str(tmp_path / "y"), "--dial", "no.dots"])

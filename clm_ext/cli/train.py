@@ -50,6 +50,9 @@ def add_arguments(parser):
                         help="score the reference once before training instead of every step")
     parser.add_argument("--layer", choices=("linear", "block"), default="linear",
                         help="alignment layer kind for --method clm (default linear, see add_alignment_control)")
+    parser.add_argument("--dial", metavar="NAME",
+                        help="train one named dial (method clm, layer linear); OUT holds that dial alone, to load "
+                        "into a model with other dials: load_alignment(model, OUT, dial=NAME)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (method lora)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat-template", action="store_true",
@@ -69,6 +72,8 @@ def run(args) -> int:
 
     if args.eval_steps is not None and args.eval_dataset is None:
         raise SystemExit("--eval-steps needs --eval-dataset")
+    if args.dial is not None and (args.method != "clm" or args.layer != "linear"):
+        raise SystemExit("clm train: --dial trains a named linear dial: it needs --method clm and --layer linear")
     check_model_dir("train", args.model)
     _check_out(args)
     checkpoints = args.checkpoint_dir or os.path.normpath(args.out) + "-checkpoints"
@@ -88,7 +93,10 @@ def run(args) -> int:
         eval_dataset = as_conversations(eval_dataset) if eval_dataset is not None else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     if args.method == "clm":
-        clm_ext.add_alignment_control(model, layer=args.layer)
+        try:
+            clm_ext.add_alignment_control(model, layer=args.layer, dials=None if args.dial is None else [args.dial])
+        except ValueError as e:
+            raise SystemExit(f"clm train: --dial: {e}") from None
     config = DPOConfig(
         output_dir=checkpoints,
         beta=args.beta,
@@ -116,6 +124,8 @@ def run(args) -> int:
         use_cpu=not torch.accelerator.is_available(),
     )
     extra = {"peft_config": default_lora_config(args.lora_r)} if args.method == "lora" else {}
+    if args.dial is not None:
+        extra["dial"] = args.dial
     trainer = make_dpo_trainer(args.method, model, config, train_dataset, tokenizer, eval_dataset, **extra)
     _check_truncation(args, train_dataset, trainer.train_dataset, "--dataset")
     if eval_dataset is not None:
@@ -209,7 +219,7 @@ def _save_result(trainer, args, tokenizer):
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(args.out)
     else:
-        clm_ext.save_alignment(trainer.accelerator.unwrap_model(trainer.model), args.out,
+        clm_ext.save_alignment(trainer.accelerator.unwrap_model(trainer.model), args.out, dial=args.dial,
                                is_main_process=trainer.accelerator.is_main_process)
 
 
