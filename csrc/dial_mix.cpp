@@ -80,8 +80,10 @@ at::Tensor folded_bias(const at::Tensor& bias, const at::Tensor& a) {
 
 at::Tensor rows_of(const at::Tensor& t, int64_t d) { return t.reshape({-1, d}).contiguous(); }
 
-// Y = x [W_0; ...; W_{K-1}]^T: one GEMM over the stacked weights (measured faster than K GEMMs on CPU at
-// d = 512, 4096 rows, K = 3; see benchmarks/bench_op.py).
+// Y = x [W_0; ...; W_{K-1}]^T: one GEMM over the stacked weights. Against K GEMMs on CPU at d = 512, 4096 rows,
+// K = 3, one thread, 8 interleaved rounds on a loaded shared machine (noisy): min 226 vs 244 ms, median 346 vs
+// 321 ms, no clear winner; one GEMM is kept: one call, and its output is laid out per row for the single
+// `combine` pass (benchmarks/bench_op.py, "gemm_stacked" / "gemm_per_dial", measures it again).
 at::Tensor dial_outputs(const at::Tensor& x2, const at::Tensor& weight) {
   const int64_t d = weight.size(1);
   return at::mm(x2, weight.reshape({-1, d}).t());

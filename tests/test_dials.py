@@ -387,3 +387,112 @@ def test_clm_train_dial_writes_one_named_dial(tmp_path, capsys):
         main([*common, "--out", str(tmp_path / "x"), "--dial", "concise", "--layer", "block"])
     with pytest.raises(SystemExit, match="^clm train: --dial: .*not a usable dial name"):
         main([*common, "--out", str(tmp_path / "y"), "--dial", "no.dots"])
+
+
+# ------------------------------------------------------------------------------------------------
+# clm serve with dict alphas.
+
+
+@pytest.fixture(scope="module")
+def served_dials(tmp_path_factory):
+    """A `clm serve` subprocess on a tiny model with two named dials (one file of both), and a reference copy."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    root = tmp_path_factory.mktemp("serve_dials")
+    model_dir, layer_dir = root / "model", root / "dials"
+    tiny_causal_lm("llama").save_pretrained(model_dir)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(model_dir)
+    model = dial_model("llama", seed=30)
+    for name in ("positive", "concise"):  # strong enough to change greedy completions
+        perturb_(alignment_site(model).dial(name), 40 + len(name), scale=0.4)
+    clm_ext.save_alignment(model, layer_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "clm_ext.cli", "serve", "--model", str(model_dir), "--alignment", str(layer_dir),
+           "--port", str(port), "--max-queue", "16", "--page-size", "16", "--cache-blocks", "64",
+           "--max-batch-tokens", "48", "--threads", "1", "--served-model-name", "tiny"]
+    log = open(root / "server.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"clm serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("clm serve did not answer /health within 180 s")
+        time.sleep(0.5)
+    try:
+        yield {"base": base, "model": model, "tok": tok}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_serve_mixed_dial_vectors_in_concurrent_requests_equal_generate_alone(served_dials):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=served_dials["base"] + "/v1", api_key="unused", timeout=120, max_retries=0)
+    models = client.models.list()
+    assert models.data[0].model_extra["dials"] == ["positive", "concise"]
+    words = "the cat is happy and the dog sings but the moon falls".split()
+    prompts = [" ".join(words[:3 + i]) for i in range(8)]
+    alphas = [{"positive": 1.5, "concise": -0.5}, {"concise": 2.0}, {}, {"positive": -1.0, "concise": 0.7},
+              {"positive": 3.0}, {"positive": 0.5, "concise": 0.5}, {"concise": -1.5}, {"positive": 2.0, "concise": 2.0}]
+
+    def complete(pa):
+        prompt, alpha = pa
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                         extra_body={"alpha": alpha})
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(complete, zip(prompts, alphas)))
+    texts = []
+    for prompt, alpha, response in zip(prompts, alphas, responses):
+        expected = clm_ext.generate(served_dials["model"], served_dials["tok"], [prompt], alphas=[alpha],
+                                    max_new_tokens=6, do_sample=False)[0]
+        assert response.choices[0].text == expected, (prompt, alpha)
+        assert response.model_extra["alpha"] == {"positive": alpha.get("positive", 0.0),
+                                                 "concise": alpha.get("concise", 0.0)}
+        texts.append(response.choices[0].text)
+    # the dials change the output: the same prompt at two vectors
+    one, other = (complete((prompts[4], a)).choices[0].text for a in ({"positive": 3.0}, {"concise": -1.5}))
+    assert one != other
+
+
+@pytest.mark.parametrize("alpha, message", [
+    (1.0, "object of dial alphas.*'positive', 'concise'"),
+    ({"sincere": 1.0}, "'sincere'.*does not have"),
+    ({"positive": 9.0}, r"alpha\['positive'\] must lie in the server's --alpha-range"),
+    ({"concise": "high"}, "must be a number"),
+])
+def test_serve_bad_dial_alphas_are_400s_naming_the_field(served_dials, alpha, message):
+    import re
+
+    import httpx
+
+    response = httpx.post(served_dials["base"] + "/v1/completions", timeout=30,
+                          json={"model": "tiny", "prompt": "the cat", "max_tokens": 2, "alpha": alpha})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "alpha" and re.search(message, error["message"]), error
+    assert httpx.get(served_dials["base"] + "/health", timeout=10).status_code == 200

@@ -109,11 +109,12 @@ def run(args) -> int:
         raise SystemExit(f"clm serve: {e}") from None
     described = alignment or "identity (no trained layer: every alpha gives the base model)"
     name = args.served_model_name or (args.model if args.model == DEFAULT_MODEL else Path(args.model).name)
+    dials = clm_ext.model.alignment_site(model).dial_names
     limits = Limits(model_name=name, alpha_default=args.alpha_default, alpha_range=alpha_range,
-                    max_context=engine.max_context)
+                    max_context=engine.max_context, dials=None if dials is None else tuple(dials))
 
     async def warm_up():  # the engine's first request pays its set-up: do it before serving
-        async for _ in engine.generate(tokenizer("warm up")["input_ids"], RequestSpec(alpha=0.0), 2):
+        async for _ in engine.generate(tokenizer("warm up")["input_ids"], RequestSpec(alpha=0.0 if dials is None else (0.0,) * len(dials)), 2):
             pass
 
     asyncio.run(warm_up())

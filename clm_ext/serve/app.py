@@ -46,7 +46,7 @@ def create_app(engine: Engine, limits: Limits, alignment: str = "identity") -> F
         return {"object": "list", "data": [{
             "id": limits.model_name, "object": "model", "created": started, "owned_by": "clm-ext",
             "alignment": alignment, "alpha_default": limits.alpha_default, "alpha_range": list(limits.alpha_range),
-            "max_model_len": limits.max_context,
+            "max_model_len": limits.max_context, **({"dials": list(limits.dials)} if limits.dials else {}),
         }]}
 
     @app.post("/v1/completions")
@@ -100,6 +100,11 @@ class _Run:
         self.created = int(time.time())
         self.text, self.tokens, self.finish_reason = "", [], None
 
+    def _alpha(self):
+        """The request's alpha as the client sent it: a number, or {dial: value} for named dials."""
+        dials = self.engine.hooks.site.dial_names
+        return self.spec.alpha if dials is None else dict(zip(dials, self.spec.alpha))
+
     async def _steps(self):
         """Yield the text added by each engine step; sets finish_reason when done."""
         stream = self.parsed.stream or bool(self.parsed.stop)
@@ -152,7 +157,7 @@ class _Run:
         else:
             choice["text"] = self.text
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.model_name, "choices": [choice], "usage": self._usage(), "alpha": self.spec.alpha}
+                "model": self.model_name, "choices": [choice], "usage": self._usage(), "alpha": self._alpha()}
 
     def _chunk(self, delta: Optional[str], finish_reason=None, role: bool = False) -> str:
         if self.chat:
@@ -163,7 +168,7 @@ class _Run:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
             kind = "text_completion"
         payload = {"id": self.id, "object": kind, "created": self.created, "model": self.model_name,
-                   "choices": [choice], "alpha": self.spec.alpha}
+                   "choices": [choice], "alpha": self._alpha()}
         return f"data: {json.dumps(payload)}\n\n"
 
     async def sse(self):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ CHILD_SEPARATOR = "__child#"
 class RequestSpec:
     """What one request asked for: its alpha and how to pick its tokens (temperature 0 is greedy)."""
 
-    alpha: float
+    alpha: Union[float, tuple]  # with named dials: one value per dial, in the model's order
     temperature: float = 0.0
     top_p: float = 1.0
     seed: Optional[int] = None
@@ -120,7 +120,9 @@ class BatchHooks:
         if len(bounds) < len(requests) + 1:
             raise RuntimeError(f"clm serve: {len(requests)} requests in the batch but cu_seq_lens_q has {len(bounds)} entries")
         specs = self.table.lookup([fs.state.request_id for fs in requests])
-        alpha = torch.zeros(kwargs["input_ids"].numel(), dtype=torch.float32)
+        dials = self.site.dial_names
+        tokens = kwargs["input_ids"].numel()
+        alpha = torch.zeros((tokens,) if dials is None else (tokens, len(dials)), dtype=torch.float32)
         for i, (fs, spec) in enumerate(zip(requests, specs)):
             start, end = bounds[i], bounds[i + 1]
             if end - start != fs.query_length:
@@ -128,7 +130,7 @@ class BatchHooks:
                     f"clm serve: request {fs.state.request_id} has {fs.query_length} query tokens but "
                     f"cu_seq_lens_q gives {end - start}: the engine packs batches differently than expected"
                 )
-            alpha[start:end] = spec.alpha
+            alpha[start:end] = torch.tensor(spec.alpha)
         self.site.set_token_alpha(alpha)
         self.mixed_forwards += len({spec.alpha for spec in specs}) > 1
         self._batch = [(fs, spec) for fs, spec in zip(requests, specs) if fs.has_new_token]

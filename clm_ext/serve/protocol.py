@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
-from ..alpha import AlphaError, alpha_from_request, show
+from ..alpha import AlphaError, alpha_from_request, dial_vector, show
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "response_format")
 
@@ -30,11 +30,12 @@ class Limits:
     alpha_default: float = 1.0
     alpha_range: tuple = (-2.0, 4.0)
     max_context: int = 2048
+    dials: Optional[tuple] = None  # the model's named dials: a request's alpha is then {dial: value}
 
 
 @dataclass
 class Parsed:
-    alpha: float
+    alpha: Union[float, tuple]  # a tuple in the order of Limits.dials for a model with named dials
     max_tokens: int
     temperature: float
     top_p: float
@@ -88,7 +89,9 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _alpha(body: dict, limits: Limits) -> float:
+def _alpha(body: dict, limits: Limits) -> Union[float, tuple]:
+    if limits.dials:
+        return _dial_alpha(body, limits)
     try:
         value = alpha_from_request(body)
     except AlphaError as err:
@@ -100,6 +103,31 @@ def _alpha(body: dict, limits: Limits) -> float:
         name = "alpha" if "alpha" in body else "vllm_xargs.alpha"
         raise BadRequest(f"{name} must lie in the server's --alpha-range [{low!r}, {high!r}], got {show(value)}", name)
     return value
+
+
+def _dial_alpha(body: dict, limits: Limits) -> tuple:
+    """{dial: value} as a tuple in the order of the dials (a dial left out is 0; no alpha at all: every dial at
+    the server's default). A plain number means the only dial of a one-dial model."""
+    dials, (low, high) = list(limits.dials), limits.alpha_range
+
+    def check(value, name):
+        if _is_number(value) and len(dials) == 1:
+            value = {dials[0]: value}
+        if not isinstance(value, dict):
+            raise AlphaError(f"{name} must be an object of dial alphas such as {{{dials[0]!r}: 1.0}}: this server's "
+                             f"model has the dials {dials}, got {show(value)}", name)
+        vector = dial_vector(value, dials, name)
+        for dial, v in zip(dials, vector):
+            if not low <= v <= high:
+                raise AlphaError(f"{name}[{dial!r}] must lie in the server's --alpha-range [{low!r}, {high!r}], "
+                                 f"got {show(value[dial])}", name)
+        return tuple(vector)
+
+    try:
+        value = alpha_from_request(body, check)
+    except AlphaError as err:
+        raise BadRequest(str(err), err.param) from None
+    return (limits.alpha_default,) * len(dials) if value is None else value
 
 
 def _max_tokens(body: dict, chat: bool) -> int:
