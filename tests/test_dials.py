@@ -479,13 +479,13 @@ def test_serve_mixed_dial_vectors_in_concurrent_requests_equal_generate_alone(se
     assert one != other
 
 
-@pytest.mark.parametrize("alpha, message", [
-    (1.0, "object of dial alphas.*'positive', 'concise'"),
-    ({"sincere": 1.0}, "'sincere'.*does not have"),
-    ({"positive": 9.0}, r"alpha\['positive'\] must lie in the server's --alpha-range"),
-    ({"concise": "high"}, "must be a number"),
+@pytest.mark.parametrize("alpha, param, message", [
+    (1.0, "alpha", "object of dial alphas.*'positive', 'concise'"),
+    ({"sincere": 1.0}, "alpha", "'sincere'.*does not have"),
+    ({"positive": 9.0}, "alpha['positive']", r"alpha\['positive'\] must lie in the server's --alpha-range"),
+    ({"concise": "high"}, "alpha['concise']", "must be a number"),
 ])
-def test_serve_bad_dial_alphas_are_400s_naming_the_field(served_dials, alpha, message):
+def test_serve_bad_dial_alphas_are_400s_naming_the_field(served_dials, alpha, param, message):
     import re
 
     import httpx
@@ -494,5 +494,5 @@ def test_serve_bad_dial_alphas_are_400s_naming_the_field(served_dials, alpha, me
                           json={"model": "tiny", "prompt": "the cat", "max_tokens": 2, "alpha": alpha})
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["param"] == "alpha" and re.search(message, error["message"]), error
+    assert error["param"] == param and re.search(message, error["message"]), error
     assert httpx.get(served_dials["base"] + "/health", timeout=10).status_code == 200

@@ -120,7 +120,7 @@ def _dial_alpha(body: dict, limits: Limits) -> tuple:
         for dial, v in zip(dials, vector):
             if not low <= v <= high:
                 raise AlphaError(f"{name}[{dial!r}] must lie in the server's --alpha-range [{low!r}, {high!r}], "
-                                 f"got {show(value[dial])}", name)
+                                 f"got {show(value[dial])}", f"{name}[{dial!r}]")
         return tuple(vector)
 
     try:
