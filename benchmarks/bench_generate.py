@@ -7,8 +7,8 @@ exactly `new` tokens per sequence: min_new_tokens = max_new_tokens) with `model.
 - clm_cached: as clm_mixed with `cache_aligned_table=True` (a gather + lerp per step, no GEMM);
 - clm_logits: mode "logits" (two streams, so about 2x the work: the fidelity mode, not the fast one); the
   layer runs on the aligned stream's rows only, the unaligned stream is a plain lookup;
-- clm_logits_all_rows: mode "logits" as it was before issue 11: the layer's op over all 2B rows, with alpha
-  0 for the unaligned half (the same numbers; what skipping that half saves). Case
+- clm_logits_all_rows: mode "logits" as it was before the embedding skipped the unaligned half: the layer's
+  op over all 2B rows, with alpha 0 for the unaligned half (the same numbers; what skipping that half saves). Case
   "logits_embedding_prefill" times the embedding's forward alone on the prefill's 2B rows for both;
 - merged: `clm_ext.merge_alignment(model, 1.0)`, a plain model again;
 - clm_block_logits: layer "block" (the paper's variant: a new first decoder block), mode "logits", mixed alphas;
@@ -56,12 +56,17 @@ def controlled(base, alpha, **kwargs):
 
 
 def all_rows_logits(base, alpha):
-    """Mode "logits" with the layer's op run over both streams (per-row alpha 0 | 1), as before issue 11."""
+    """Mode "logits" with the layer's op run over both streams (alpha 0 for the unaligned rows, 1 for the
+    aligned ones), as the embedding ran before it skipped the unaligned half: the same numbers, more work.
+    (Llama configs: no embedding scale to apply.)"""
     model = controlled(base, alpha, mode="logits")
     site = alignment_site(model)
 
     def forward(input_ids):
-        return site._scale(site._mix(input_ids, site.row_alpha(input_ids.shape[0], site.weight.device)))
+        streams = torch.ones(input_ids.shape[0], device=input_ids.device)
+        streams[: input_ids.shape[0] // 2] = 0.0
+        weight, bias = (t.to(site.weight.dtype) for t in (site.alignment.weight, site.alignment.bias))
+        return clm_ext.ops.embed_alignment_mix(input_ids, site.weight, weight, bias, streams)
 
     site.forward = forward
     return model

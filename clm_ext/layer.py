@@ -14,8 +14,9 @@ Two kinds, both "sites" that mix an aligned path into the residual stream with a
   attention output and MLP down projections zeroed (identity at init), run on the embeddings just before
   the first original block (a forward pre-hook on it), with its own KV-cache slot after the model's last.
 
-In mode "logits" the wrapped model's forward runs 2B rows (unaligned rows first, aligned rows second) and a
-site gives the first half alpha 0 and the second alpha 1; the user's alpha mixes the logits
+In mode "logits" the wrapped model's forward runs 2B rows (unaligned rows first, aligned rows second): a
+site leaves the first half as the base model computes it (a plain lookup; the block skipped) and runs its
+layer in full on the second half (alpha 1); the user's alpha then mixes the two streams' logits
 (`AlignmentSite.attach_two_stream`: hooks on the causal LM).
 """
 from __future__ import annotations
@@ -81,15 +82,10 @@ class AlignmentSite(nn.Module):
         return self._alpha
 
     def row_alpha(self, rows: int, device: torch.device) -> Tensor:
-        """The alpha of each row this site sees: the user's (embed mode) or 0 | 1 per stream (logits mode)."""
-        if self.mode == "embed":
-            if self.dial_names is not None:
-                return expand_dial_alpha(self.user_alpha(device), rows)
-            return expand_alpha(self.user_alpha(device), rows)
-        self._check_two_stream(rows)
-        half = torch.ones(rows, dtype=torch.float32, device=device)
-        half[: rows // 2] = 0.0
-        return half
+        """The user's alpha for each of `rows` rows (mode "embed"; mode "logits" runs its two streams apart)."""
+        if self.dial_names is not None:
+            return expand_dial_alpha(self.user_alpha(device), rows)
+        return expand_alpha(self.user_alpha(device), rows)
 
     def _check_two_stream(self, rows: int) -> None:
         if self._stream_rows != rows:

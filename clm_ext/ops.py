@@ -3,8 +3,12 @@
     h = x + alpha * (x @ weight.T + bias - x)
 
 `alpha` is a number, a 0-d tensor, or one value per sequence (a 1-D tensor whose length is the first
-dimension of `x`, or of `input_ids`). The kernels live in csrc/ (C++ for CPU, CUDA for GPUs); the
-`reference_*` functions are the plain PyTorch composition the tests and benchmarks compare against.
+dimension of `x`, or of `input_ids`; flat ids [T] take one alpha per token). The kernels live in csrc/
+(C++ for CPU, CUDA for GPUs); the `reference_*` functions are the plain PyTorch composition the tests and
+benchmarks compare against. The wrappers here check with the library's alpha rule (clm_ext.alpha); the
+compiled ops, called directly through torch.ops.clm_ext, check alpha's dtype and shape themselves and, for a
+CPU alpha, its values (finite in the op's compute dtype). They do not read a CUDA alpha's values: that would
+synchronise the stream on every call.
 """
 from __future__ import annotations
 

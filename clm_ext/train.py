@@ -16,9 +16,17 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
-import clm_ext
-from clm_ext import checkpoints
-from clm_ext.model import alignment_parameters, alignment_site
+from . import checkpoints
+from .model import (
+    add_alignment_control,
+    alignment_parameters,
+    alignment_site,
+    alignment_strength,
+    load_alignment,
+    save_alignment,
+    set_alpha,
+)
+from .versions import TRAINER_TRL, require
 
 METHODS = ("clm", "full", "lora")
 
@@ -54,6 +62,7 @@ class CLMDPOTrainer(DPOTrainer):
         dial: str | None = None,
         fixed_alphas: dict | None = None,
     ):
+        require("trl", TRAINER_TRL, "CLMDPOTrainer")
         if peft_config is not None:
             raise ValueError(
                 "peft_config: CLMDPOTrainer trains the alignment layer, not an adapter; "
@@ -71,9 +80,9 @@ class CLMDPOTrainer(DPOTrainer):
         if fixed_alphas is not None and dial is None:
             raise ValueError("fixed_alphas: the other dials' alphas only apply when training one dial (dial=...)")
         if dial is not None and (site is None or dial not in (site.dial_names or [])):
-            clm_ext.add_alignment_control(model, dials=[dial])
+            add_alignment_control(model, dials=[dial])
         elif site is None:
-            clm_ext.add_alignment_control(model)
+            add_alignment_control(model)
         elif site.mode != "embed":
             raise ValueError(
                 f"model: the alignment layer is in mode {site.mode!r}; train it in mode 'embed' (at alpha 0 and 1 "
@@ -85,7 +94,7 @@ class CLMDPOTrainer(DPOTrainer):
             policy_alpha, self._clm_reference_alpha = 1.0, 0.0
         else:
             policy_alpha, self._clm_reference_alpha = _dial_alphas(model, dial, fixed_alphas)
-        clm_ext.set_alpha(model, policy_alpha)
+        set_alpha(model, policy_alpha)
         _check_only_the_layer_trains(model)
         self._clm_base = checkpoints.describe_base(model)
         super().__init__(
@@ -145,7 +154,7 @@ class CLMDPOTrainer(DPOTrainer):
         output_dir = output_dir or self.args.output_dir
         model = self._unwrapped_model()
         target = os.path.join(output_dir, checkpoints.LAYER_DIR) if _internal_call else output_dir
-        clm_ext.save_alignment(model, target, dial=self._clm_dial, is_main_process=self.args.should_save)
+        save_alignment(model, target, dial=self._clm_dial, is_main_process=self.args.should_save)
         if _internal_call and self.args.should_save:
             checkpoints.write_info(output_dir, self._clm_base, model)
 
@@ -171,7 +180,7 @@ class CLMDPOTrainer(DPOTrainer):
         """Load the layer of a layer-only checkpoint, after checking it was made on this base and layer kind."""
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         checkpoints.check_info(resume_from_checkpoint, self._clm_base, model)
-        clm_ext.load_alignment(model, os.path.join(resume_from_checkpoint, checkpoints.LAYER_DIR), dial=self._clm_dial)
+        load_alignment(model, os.path.join(resume_from_checkpoint, checkpoints.LAYER_DIR), dial=self._clm_dial)
 
 
 class _AlphaZeroReference:
@@ -203,7 +212,7 @@ def _reference_mode(model, alpha=0.0):
     was_training = model.training
     model.eval()
     try:
-        with clm_ext.alignment_strength(model, alpha):
+        with alignment_strength(model, alpha):
             yield
     finally:
         model.train(was_training)

@@ -1,7 +1,7 @@
 """layer="block": the paper's new first decoder block (a zero-output copy of block 0), in both merge modes."""
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 
 import clm_ext
 from clm_ext.model import alignment_layer, alignment_parameters

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import clm_ext

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 
 import clm_ext
 from clm_ext.model import alignment_site
@@ -304,6 +304,7 @@ def dpo_config(tmp_path, **overrides):
     return DPOConfig(**options)
 
 
+@pytest.mark.slow
 def test_training_one_dial_leaves_the_others_and_the_base_bit_identical(tmp_path):
     from clm_ext.preferences import validate_preferences
     from clm_ext.train import CLMDPOTrainer
@@ -323,6 +324,7 @@ def test_training_one_dial_leaves_the_others_and_the_base_bit_identical(tmp_path
     assert config["dial"] == "concise" and config["num_parameters"] == 32 * 32 + 32
 
 
+@pytest.mark.slow
 def test_one_dial_training_step_equals_trl_with_an_explicit_reference(tmp_path, monkeypatch):
     """The policy is the model with the trained dial at 1 and the others fixed; the reference the same with that
     dial at 0: one step equals TRL's DPOTrainer given that reference as a separate frozen model."""
@@ -365,6 +367,7 @@ def test_one_dial_training_step_equals_trl_with_an_explicit_reference(tmp_path, 
     torch.testing.assert_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_clm_train_dial_writes_one_named_dial(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -446,6 +449,7 @@ def served_dials(tmp_path_factory):
         log.close()
 
 
+@pytest.mark.serve
 def test_serve_mixed_dial_vectors_in_concurrent_requests_equal_generate_alone(served_dials):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -479,6 +483,7 @@ def test_serve_mixed_dial_vectors_in_concurrent_requests_equal_generate_alone(se
     assert one != other
 
 
+@pytest.mark.serve
 @pytest.mark.parametrize("alpha, param, message", [
     (1.0, "alpha", "object of dial alphas.*'positive', 'concise'"),
     ({"sincere": 1.0}, "alpha", "'sincere'.*does not have"),

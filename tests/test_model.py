@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_causal_lm, tiny_tokenizer
+from helpers import ARCHS, tiny_causal_lm, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import clm_ext

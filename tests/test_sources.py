@@ -30,7 +30,7 @@ def test_a_missing_package_says_what_to_install(monkeypatch):
         resolve_model("smollm2-135m-instruct")
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_packaged_smollm2_converts_once_into_a_plain_trainable_checkpoint(tmp_path, monkeypatch):
     """The converted checkpoint loads as an ordinary float32 model (not marked quantized), with the chat
     template, and gives the same logits as transformers' own GGUF load; the second call reuses the cache."""

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 from trl import DPOConfig, DPOTrainer
 
 import clm_ext

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from helpers import tiny_causal_lm
 from safetensors.torch import load_file
 
 import clm_ext
