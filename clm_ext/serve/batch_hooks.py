@@ -146,9 +146,10 @@ class BatchHooks:
                 "batches differently than expected"
             )
         alpha = torch.repeat_interleave(torch.tensor([spec.alpha for spec in specs], dtype=torch.float32),
-                                        torch.tensor(lengths))
-        if alpha.shape[0] < kwargs["input_ids"].numel():  # padding after the last request: alpha 0
-            alpha = torch.cat([alpha, alpha.new_zeros(kwargs["input_ids"].numel() - alpha.shape[0])])
+                                        torch.tensor(lengths), dim=0)
+        padding = kwargs["input_ids"].numel() - alpha.shape[0]
+        if padding > 0:  # tokens after the last request: alpha 0
+            alpha = torch.cat([alpha, alpha.new_zeros((padding, *alpha.shape[1:]))])
         self.site.set_token_alpha(alpha)
         self.mixed_forwards += len({spec.alpha for spec in specs}) > 1
         self._batch = [(fs, spec) for fs, spec in zip(requests, specs) if fs.has_new_token]
