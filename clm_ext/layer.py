@@ -70,6 +70,35 @@ class AlignmentSite(nn.Module):
         else:
             self._alpha = dial_alpha_tensor(alpha, names).to(self._device())
 
+    def set_token_alpha(self, alpha: Optional[Tensor]) -> None:
+        """One alpha per token for the next forward only (None clears it): a continuous-batching engine packs
+        many requests into one row [1, T], so each token takes its own request's alpha (clm_ext.serve)."""
+        if alpha is None:
+            self._token_alpha = None
+            return
+        if self.mode != "embed":
+            raise RuntimeError("a per-token alpha needs mode 'embed' (mode 'logits' runs two streams per sequence)")
+        if self.dial_names is not None:
+            alpha = dial_alpha_tensor(alpha, self.dial_names, "token alpha")
+            if alpha.dim() != 2:
+                raise ValueError(f"token alpha must be [tokens, {len(self.dial_names)}], one dial vector per "
+                                 f"token, got shape {tuple(alpha.shape)}")
+        else:
+            alpha = alpha_tensor(alpha, "token alpha")
+            if alpha.dim() != 1:
+                raise ValueError(f"token alpha must be 1-D, one value per token, got shape {tuple(alpha.shape)}")
+        self._token_alpha = alpha.to(self._device())
+
+    def _take_token_alpha(self, tokens: int) -> Optional[Tensor]:
+        """The per-token alpha set for this forward (cleared: it holds for one forward), checked against the
+        number of tokens; None when none was set."""
+        alpha, self._token_alpha = getattr(self, "_token_alpha", None), None
+        if alpha is not None and alpha.shape[0] != tokens:
+            raise ValueError(
+                f"the token alpha set for this forward has {alpha.shape[0]} values but the input has {tokens} tokens"
+            )
+        return alpha
+
     def _device(self) -> torch.device:
         return next(self.trainable().parameters()).device
 
@@ -289,27 +318,8 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
         scale = getattr(self, "embed_scale", None)
         return h if scale is None else h * scale.to(self.weight.dtype)
 
-    def set_token_alpha(self, alpha: Optional[Tensor]) -> None:
-        """One alpha per token for the next forward only (None clears it): a continuous-batching engine packs
-        many requests into one row [1, T], so each token takes its own request's alpha (clm_ext.serve)."""
-        if alpha is None:
-            self._token_alpha = None
-            return
-        if self.mode != "embed":
-            raise RuntimeError("a per-token alpha needs mode 'embed' (mode 'logits' runs two streams per sequence)")
-        if self.dial_names is not None:
-            alpha = dial_alpha_tensor(alpha, self.dial_names, "token alpha")
-            if alpha.dim() != 2:
-                raise ValueError(f"token alpha must be [tokens, {len(self.dial_names)}], one dial vector per "
-                                 f"token, got shape {tuple(alpha.shape)}")
-        else:
-            alpha = alpha_tensor(alpha, "token alpha")
-            if alpha.dim() != 1:
-                raise ValueError(f"token alpha must be 1-D, one value per token, got shape {tuple(alpha.shape)}")
-        self._token_alpha = alpha.to(self.weight.device)
-
     def forward(self, input_ids: Tensor) -> Tensor:
-        token_alpha, self._token_alpha = getattr(self, "_token_alpha", None), None
+        token_alpha = self._take_token_alpha(input_ids.numel())
         if token_alpha is not None:
             return self._forward_per_token(input_ids, token_alpha)
         if input_ids.dim() > 1 and self.mode == "logits":
@@ -373,11 +383,6 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
         return self
 
     def _forward_per_token(self, input_ids: Tensor, alpha: Tensor) -> Tensor:
-        if alpha.shape[0] != input_ids.numel():
-            raise ValueError(
-                f"the token alpha set for this forward has {alpha.shape[0]} values but the input has "
-                f"{input_ids.numel()} tokens (shape {tuple(input_ids.shape)})"
-            )
         h = self._mix(input_ids.reshape(-1, 1), alpha)  # one row per token: the per-row alpha is per token
         return self._scale(h.reshape(*input_ids.shape, -1))
 
@@ -522,7 +527,10 @@ class AlignmentBlock(AlignmentSite):
                 f"layer='block' needs a decoder block with self_attn.o_proj and mlp.down_proj, "
                 f"got {type(first_block).__name__}"
             )
-        self.block = copy.deepcopy(first_block)
+        # The copy shares the model's config, as block 0 does: an attention implementation set on the model
+        # later (a continuous-batching engine switches to paged attention) then reaches the new block too.
+        configs = {id(m.config): m.config for m in first_block.modules() if hasattr(m, "config")}
+        self.block = copy.deepcopy(first_block, configs)
         self.block.self_attn.layer_idx = cache_index
         self.cache_index = cache_index
         self.reset_alignment()
@@ -576,10 +584,14 @@ class AlignmentBlock(AlignmentSite):
             half = x.shape[0] // 2
             h = torch.cat([x[:half], self._run_block(x[half:], _second_half(kwargs, x.shape[0]))])
             return (h, *args), kwargs
-        alpha = self.row_alpha(x.shape[0], x.device)
+        token_alpha = self._take_token_alpha(x.shape[:-1].numel())
         y = self._run_block(x, kwargs)
-        if alpha.dim():
-            alpha = alpha.view(-1, *([1] * (x.dim() - 1)))
+        if token_alpha is not None:  # one alpha per token of the packed row (clm_ext.serve)
+            alpha = token_alpha.view(*x.shape[:-1], 1)
+        else:
+            alpha = self.row_alpha(x.shape[0], x.device)
+            if alpha.dim():
+                alpha = alpha.view(-1, *([1] * (x.dim() - 1)))
         h = x + (alpha * (y - x).to(alpha.dtype)).to(x.dtype)
         return (h, *args), kwargs
 

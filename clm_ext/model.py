@@ -176,10 +176,16 @@ def alignment_strength(model: nn.Module, alpha) -> Iterator[nn.Module]:
 # Save / load: safetensors + JSON, never pickle (the files and their atomic swap: clm_ext.storage).
 
 
+# What a block layer's weights assume of the model beyond their shapes (a head split the shapes may not show).
+BLOCK_CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads")
+
+
 def _describe(model: nn.Module, site: AlignmentSite, module: Optional[nn.Module] = None) -> dict:
     config = text_config(model)
     params = list((module or site.trainable()).parameters())
+    heads = {key: getattr(config, key, None) for key in BLOCK_CONFIG_KEYS} if site.layer_kind == "block" else {}
     return {
+        **heads,
         "clm_ext_version": __version__,
         "model_type": getattr(config, "model_type", None),
         "hidden_size": config.hidden_size,
@@ -267,7 +273,10 @@ def load_alignment(model: nn.Module, directory: str, mode: Optional[str] = None,
         if info[key] not in allowed:
             raise ValueError(f"load_alignment: {config_path} has {key}={info[key]!r}, expected one of {allowed}")
     config = text_config(model)
-    for key, have in (("model_type", getattr(config, "model_type", None)), ("hidden_size", config.hidden_size)):
+    checked = [("model_type", getattr(config, "model_type", None)), ("hidden_size", config.hidden_size)]
+    if info["layer"] == "block":  # layers saved before these keys were recorded are checked by shape only
+        checked += [(key, getattr(config, key, None)) for key in BLOCK_CONFIG_KEYS if key in info]
+    for key, have in checked:
         if info.get(key) != have:
             raise ValueError(
                 f"load_alignment: the layer in {directory} was trained for {key}={info.get(key)!r}, "

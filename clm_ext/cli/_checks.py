@@ -66,6 +66,19 @@ def check_model_dir(command: str, model: str) -> None:
         raise SystemExit(f"clm {command}: --model {model}: no such directory")
 
 
+def check_device(command: str, device: str) -> None:
+    """Refuse a --device this torch build or machine cannot use, in one line (not torch's traceback)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SystemExit(f"clm {command}: --device {device!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise SystemExit(f"clm {command}: --device {device}: {why}; use --device cpu")
+
+
 def same_directory(a: str, b: str) -> bool:
     """Whether two paths name the same existing directory (through symlinks and relative paths)."""
     return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)

@@ -21,9 +21,10 @@ def load_model(args, mode=None):
 
     import clm_ext
 
-    from ._checks import check_model_dir
+    from ._checks import check_device, check_model_dir
 
     check_model_dir(args.command, args.model)
+    check_device(args.command, args.device)
     model_dir = resolve_model_argument(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(args.device).eval()
     if args.alignment:
