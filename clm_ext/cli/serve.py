@@ -135,7 +135,8 @@ def run(args) -> int:
                     max_context=engine.max_context, dials=None if dials is None else tuple(dials))
 
     async def warm_up():  # the engine's first request pays its set-up: do it before serving
-        async for _ in engine.generate(tokenizer("warm up")["input_ids"], RequestSpec(alpha=0.0 if dials is None else (0.0,) * len(dials)), 2):
+        warm = RequestSpec(alpha=0.0 if dials is None else (0.0,) * len(dials))
+        async for _ in engine.generate(tokenizer("warm up")["input_ids"], warm, 2):
             pass
 
     asyncio.run(warm_up())
