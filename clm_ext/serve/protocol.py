@@ -110,6 +110,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    """A JSON number that is finite as a float (an integer of 400 digits is a Python int, too large for one)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _alpha(body: dict, limits: Limits) -> Union[float, tuple]:
     if limits.dials:
         return _dial_alpha(body, limits)
