@@ -152,3 +152,58 @@ def alpha_from_request(body: dict, check: Callable = alpha_number):
             "send one of them", "alpha"
         )
     return next(iter(found.values()), None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Named dials: an alpha vector, one value per dial, given as a dict {dial name: alpha}.
+
+
+def dial_vector(values, dials, name: str = "alpha") -> list:
+    """One dict {dial: alpha} as a list of floats in the order of `dials`; a dial the dict leaves out is 0.
+    An unknown key, a non-string key or a value that is not a finite number is refused, naming it."""
+    if not isinstance(values, dict):
+        raise AlphaTypeError(
+            f"{name} must be a dict of dial name -> alpha (the model's dials: {list(dials)}), got {show(values)}", name
+        )
+    for key in values:
+        if key not in dials:
+            raise AlphaError(f"{name} names the dial {show(key)}, which the model does not have (its dials: "
+                             f"{list(dials)})", name)
+    return [alpha_number(values[d], f"{name}[{d!r}]") if d in values else 0.0 for d in dials]
+
+
+def dial_alpha_tensor(alpha, dials, name: str = "alpha") -> Tensor:
+    """A user's alpha for a model with named dials, as float32: a dict -> [K] (the whole batch), a list of
+    dicts -> [B, K] (one vector per sequence), or a real tensor of shape [K] or [rows, K] (checked)."""
+    dials = list(dials)
+    if isinstance(alpha, dict):
+        return torch.tensor(dial_vector(alpha, dials, name), dtype=torch.float32)
+    if isinstance(alpha, (list, tuple)):
+        if not alpha:
+            raise AlphaError(f"{name} must hold at least one dict of dial alphas, got {show(alpha)}", name)
+        return torch.tensor([dial_vector(a, dials, f"{name}[{i}]") for i, a in enumerate(alpha)], dtype=torch.float32)
+    if not isinstance(alpha, Tensor):
+        raise AlphaTypeError(
+            f"{name} must be a dict of dial name -> alpha or a list of such dicts (one per sequence); the model "
+            f"has the dials {dials}, got {show(alpha)}", name
+        )
+    if alpha.dtype == torch.bool or alpha.is_complex():
+        raise AlphaTypeError(f"{name} must be a real tensor, got dtype {alpha.dtype}", name)
+    if alpha.dim() not in (1, 2) or alpha.shape[-1] != len(dials) or alpha.numel() == 0:
+        raise AlphaError(f"{name} must have shape [{len(dials)}] or [rows, {len(dials)}] (dials {dials}), got "
+                         f"shape {tuple(alpha.shape)}", name)
+    check_alpha_values(alpha, name)
+    return alpha.detach().to(torch.float32)
+
+
+def expand_dial_alpha(alpha: Tensor, rows: int) -> Tensor:
+    """[K] for all rows, or [B, K] repeated to `rows` = k*B rows per sequence (as `expand_alpha`)."""
+    if alpha.dim() == 1 or alpha.shape[0] == rows:
+        return alpha
+    n = alpha.shape[0]
+    if rows % n:
+        raise AlphaError(
+            f"alpha has {n} dial vectors (one per sequence) but the batch has {rows} rows; set one vector or one "
+            f"per row (clm_ext.set_alpha)"
+        )
+    return alpha.repeat_interleave(rows // n, dim=0)

@@ -120,7 +120,7 @@ def test_train_replaces_a_saved_layer_only_with_force(workspace, capsys, tmp_pat
     clm_ext.save_alignment(clm_ext.add_alignment_control(tiny_causal_lm("qwen2")), out)  # the identity
     (out / "notes.txt").write_text("mine")
     args = ["train", "--model", workspace / "base", "--dataset", workspace / "prefs.jsonl", "--out", out,
-            "--max-steps", 1, "--lr", 0.05, "--batch-size", 2, "--max-length", 32]
+            "--max-steps", 1, "--lr", 0.05, "--batch-size", 2, "--max-length", 32, "--layer", "linear"]
     rc, err = clm(capsys, *args)
     assert_one_line_error(rc, err, "holds a saved alignment layer", "--force")
     assert not (tmp_path / "out-checkpoints").exists()
@@ -130,6 +130,31 @@ def test_train_replaces_a_saved_layer_only_with_force(workspace, capsys, tmp_pat
     layer = clm_ext.model.alignment_layer(trained)
     assert not torch.equal(layer.weight, torch.eye(32))  # the new, trained layer replaced the identity
     assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.json").is_file()
+
+
+def test_train_defaults_to_the_block_layer_at_the_demos_learning_rate(workspace, capsys, tmp_path, monkeypatch):
+    """The layer a user trains by default is the one the demo measured best and clm serve serves, at the rate
+    the demo trains it with (read from the demo's config, so the two cannot drift apart)."""
+    import clm_ext.train
+    from clm_ext.demo.pipeline import DemoConfig
+
+    made = {}
+
+    def record(method, model, config, *args, **kwargs):
+        made.update(method=method, site=clm_ext.model.alignment_site(model), lr=config.learning_rate)
+        raise KeyboardInterrupt  # stop before training: only the defaults are under test
+
+    monkeypatch.setattr(clm_ext.train, "make_dpo_trainer", record)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--model", str(workspace / "base"), "--dataset", str(workspace / "prefs.jsonl"),
+              "--out", str(tmp_path / "out")])
+    assert made["method"] == "clm" and made["site"].layer_kind == "block"
+    assert made["lr"] == DemoConfig.real().lr["clm/block"]
+    made.clear()
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--model", str(workspace / "base"), "--dataset", str(workspace / "prefs.jsonl"),
+              "--out", str(tmp_path / "out2"), "--layer", "linear"])
+    assert made["site"].layer_kind == "linear" and made["lr"] == DemoConfig.real().lr["clm/linear"]
 
 
 def test_train_names_invalid_utf8_and_all_rows_too_long(workspace, capsys, tmp_path):

@@ -70,3 +70,16 @@ def check_model_dir(model: str) -> None:
         return
     if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1:
         raise UsageError(f"--model {model}: no such directory")
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device this torch build or machine cannot use, in one line (not torch's traceback)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UsageError(f"--device {device}: {why}; use --device cpu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_model_dir, path_text
+from ._checks import check_device, check_model_dir, path_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,6 +25,7 @@ def load_model(args, mode=None):
     from clm_ext.sources import resolve_model
 
     check_model_dir(args.model)
+    check_device(args.device)
     model_dir = resolve_model(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(args.device).eval()
     if args.alignment:

@@ -169,4 +169,27 @@ def run(args) -> int:
     out = os.path.abspath(args.out)
     print(open(os.path.join(out, "results.md")).read())
     print(f"wrote {out}/results.json, results.md, reward_vs_alpha.png in {results['total_seconds']:.0f} s")
+    model = os.path.join(out, "base-model") if args.toy else results["model"]
+    layers = dict.fromkeys(row["layer_dir"] for row in results["variants"].values())
+    print(serve_commands(model, [os.path.abspath(d) for d in layers], out))
     return 0
+
+
+def serve_commands(model: str, layer_dirs: list, out: str) -> str:
+    """What to run next to serve each layer the demo wrote: `clm serve`, and the vLLM route (export, then serve)."""
+    import shlex
+
+    from clm_ext.sources import resolve_model
+
+    q = shlex.quote
+    lines = []
+    for layer in layer_dirs:
+        name = os.path.basename(layer)
+        served = os.path.join(out, f"vllm-{name}")
+        lines += [f"serve {name} with a per-request alpha (OpenAI API, http://127.0.0.1:8000/v1):",
+                  f"  clm serve --model {q(model)} --alignment {q(layer)}",
+                  "  or on vLLM (./run setup-vllm first):",
+                  f"  clm export-vllm --model {q(resolve_model(model))} --alignment {q(layer)} --out {q(served)}",
+                  f"  VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "
+                  f"{q(served)} --middleware clm_ext.vllm.middleware.AlphaMiddleware"]
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import sys
 from . import UsageError
 from ._checks import add_force_argument, check_model_dir, finite_float, optimizer_name, path_text, positive_float
 
-DEFAULT_LR = {"clm": 5e-4, "full": 5e-6, "lora": 5e-5}
+DEFAULT_LR = {"full": 5e-6, "lora": 5e-5}  # --method clm: the demo's rate for the layer (default_lr)
 SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
@@ -34,7 +34,8 @@ def add_arguments(parser):
     parser.add_argument("--epochs", type=positive_float, default=3.0,
                         help="training epochs (default 3: one pass over a few hundred pairs is too few steps for the layer)")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    parser.add_argument("--lr", type=positive_float, help=f"learning rate (default per method: {DEFAULT_LR})")
+    parser.add_argument("--lr", type=positive_float, help=f"learning rate (default: for --method clm the real demo's "
+                        f"rate for the --layer, DemoConfig.real().lr; otherwise per method, {DEFAULT_LR})")
     parser.add_argument("--optim", type=optimizer_name,
                         help="optimizer, a transformers name such as sgd or adamw_torch (default: TRL's, AdamW)")
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch of preference pairs")
@@ -49,13 +50,26 @@ def add_arguments(parser):
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--precompute-ref-log-probs", action="store_true",
                         help="score the reference once before training instead of every step")
-    parser.add_argument("--layer", choices=("linear", "block"), default="linear",
-                        help="alignment layer kind for --method clm (default linear, see add_alignment_control)")
+    parser.add_argument("--layer", choices=("linear", "block"),
+                        help="alignment layer kind for --method clm (default block: the layer the demo measured best "
+                        "and the one clm serve serves by default; linear with --dial; see add_alignment_control)")
+    parser.add_argument("--dial", metavar="NAME",
+                        help="train one named dial (method clm, layer linear); OUT holds that dial alone, to load "
+                        "into a model with other dials: load_alignment(model, OUT, dial=NAME)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (method lora)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat-template", action="store_true",
                         help="train on plain-text rows as they are (default: when the tokenizer has a chat template, "
                         "a plain prompt becomes a user turn and each completion the assistant's reply)")
+
+
+def default_lr(method: str, layer: str) -> float:
+    """The learning rate of a run that sets none: for the CLM layer, the one the real demo trains that layer with."""
+    if method != "clm":
+        return DEFAULT_LR[method]
+    from clm_ext.demo.pipeline import DemoConfig
+
+    return DemoConfig.real().lr[f"clm/{layer}"]
 
 
 def run(args) -> int:
@@ -71,6 +85,9 @@ def run(args) -> int:
 
     if args.eval_steps is not None and args.eval_dataset is None:
         raise UsageError("--eval-steps needs --eval-dataset")
+    args.layer = args.layer or ("linear" if args.dial is not None else "block")
+    if args.dial is not None and (args.method != "clm" or args.layer != "linear"):
+        raise UsageError("--dial trains a named linear dial: it needs --method clm and --layer linear")
     check_model_dir(args.model)
     checkpoints = args.checkpoint_dir or os.path.normpath(args.out) + "-checkpoints"
     resume = _resume_point(args.resume, checkpoints)
@@ -84,7 +101,10 @@ def run(args) -> int:
         eval_dataset = as_conversations(eval_dataset) if eval_dataset is not None else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     if args.method == "clm":
-        clm_ext.add_alignment_control(model, layer=args.layer)
+        try:
+            clm_ext.add_alignment_control(model, layer=args.layer, dials=None if args.dial is None else [args.dial])
+        except ValueError as e:
+            raise UsageError(f"--dial: {e}") from None
     config = DPOConfig(
         output_dir=checkpoints,
         beta=args.beta,
@@ -93,7 +113,7 @@ def run(args) -> int:
         max_length=args.max_length,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
-        learning_rate=args.lr if args.lr is not None else DEFAULT_LR[args.method],
+        learning_rate=args.lr if args.lr is not None else default_lr(args.method, args.layer),
         **({"optim": args.optim} if args.optim else {}),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
@@ -112,6 +132,8 @@ def run(args) -> int:
         use_cpu=not torch.accelerator.is_available(),
     )
     extra = {"peft_config": default_lora_config(args.lora_r)} if args.method == "lora" else {}
+    if args.dial is not None:
+        extra["dial"] = args.dial
     trainer = make_dpo_trainer(args.method, model, config, train_dataset, tokenizer, eval_dataset, **extra)
     _check_truncation(args, train_dataset, trainer.train_dataset, "--dataset")
     if eval_dataset is not None:
@@ -218,7 +240,7 @@ def _save_result(trainer, args, tokenizer):
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(args.out)
     else:
-        clm_ext.save_alignment(trainer.accelerator.unwrap_model(trainer.model), args.out,
+        clm_ext.save_alignment(trainer.accelerator.unwrap_model(trainer.model), args.out, dial=args.dial,
                                is_main_process=trainer.accelerator.is_main_process)
 
 
