@@ -1,6 +1,6 @@
 """vLLM throughput: the same model served plain and through the clm-ext plugin, mixed per-request alphas.
 
-Why: design.md section 5 targets >= 0.98x of the base model's tokens/s with mixed alphas. Runs in
+Why: benchmarks/README.md targets >= 0.95x of plain vLLM's tokens/s with mixed alphas. Runs in
 .venv-vllm (`./run setup-vllm`; `.venv-vllm/bin/python benchmarks/bench_vllm.py`), offline `LLM.generate`,
 both engines in this process and timed in interleaved rounds (one call of each per round), greedy,
 exactly `new` tokens per request:

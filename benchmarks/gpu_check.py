@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-# The packages issue 14 asks about (hypothesis: only for the property test of tests/test_alignment_mix.py).
+# The packages the GPU check reports on (hypothesis: only for the property test of tests/test_alignment_mix.py).
 PACKAGES = ("transformers", "trl", "peft", "accelerate", "datasets", "pytest", "hypothesis", "safetensors")
 # Recorded too: what the carried wheels lean on (datasets 5.2 needs pyarrow >= 24; bench_dpo needs psutil).
 ALSO_RECORDED = ("pyarrow", "psutil", "tokenizers", "huggingface_hub", "numpy")
@@ -383,7 +383,7 @@ def stage_bench_dpo(c: Check) -> str:
     return _bench(c, "dpo", "--checkpointing", "off")
 
 
-# design.md section 5, as (what, numerator, denominator, bound): "<=" or ">=" on their ratio.
+# benchmarks/README.md's performance targets, as (what, numerator, denominator, bound): "<=" or ">=" on their ratio.
 TARGETS = (
     ("fused op fwd+bwd: eager / clm", "op:eager", "op:clm", ">=", 1.3),
     ("fused op fwd+bwd: torch.compile / clm", "op:compile", "op:clm", ">=", 1.0),
@@ -520,7 +520,7 @@ def write_outputs(c: Check) -> list:
              "| stage | status | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['detail'].replace('|', '/')} |" for r in c.records]
     if f.get("targets"):
-        lines += ["", "## Design targets (design.md section 5)", ""] + f["targets"]
+        lines += ["", "## Performance targets (benchmarks/README.md)", ""] + f["targets"]
     if f.get("table"):
         lines += ["", "## Benchmarks (`clm bench plot --table`)", "", f["table"]]
     (c.out / "summary.md").write_text("\n".join(lines) + "\n")
