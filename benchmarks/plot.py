@@ -1,6 +1,6 @@
 """PNG charts and the headline-ratio table from the benchmark results (benchmarks/results/*.json).
 
-Why: the README's table must come from measured rows, never be typed by hand; `--table` prints it as
+Why: benchmarks/README.md's table must come from measured rows, never be typed by hand; `--table` prints it as
 markdown, with the device and date of the rows it used. Targets missing from the results (e.g. the GPU rows
 before a GPU run) are listed as pending.
 """
