@@ -4,7 +4,8 @@ from __future__ import annotations
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="the base model: a local Hugging Face directory (safetensors)")
-    parser.add_argument("--alignment", required=True, help="a layer written by clm_ext.save_alignment / clm train")
+    parser.add_argument("--alignment", required=True,
+                        help="a layer written by clm_ext.save_alignment / clm train (linear or block, mode embed)")
     parser.add_argument("--out", required=True, help="the directory to write (refused if not empty, unless --force)")
     parser.add_argument("--default-alpha", type=float, default=1.0,
                         help="the alpha of a request that names none (default 1: the aligned model)")

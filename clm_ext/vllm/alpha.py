@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..vllm_export import check_alpha
+from ..vllm_format import check_alpha
 
 SALT_PREFIX = "clm-alpha:"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 
-from ..vllm_export import ARCHITECTURES
+from ..vllm_format import ARCHITECTURES
 from .alpha import cache_salt, request_alpha
 
 _installed = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from ..vllm_export import check_alpha
+from ..vllm_format import check_alpha
 
 PATHS = ("/v1/completions", "/v1/chat/completions")
 
