@@ -103,10 +103,21 @@ def main(argv=None) -> int:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=None, help="timed generate calls per provider")
     p.add_argument("--providers", help="comma-separated subset of the providers (default: all)")
+    p.add_argument("--models", help=f"comma-separated model configs of {', '.join(common.MODELS)} (default: the mode's)")
+    p.add_argument("--new-tokens", type=int, help="new tokens per sequence (default: the mode's)")
     args = p.parse_args(argv)
     device, dtype = common.resolve(args)
     mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
     models, batch, prompt, new = SETTINGS[(device.type, mode)]
+    if args.models:
+        models = tuple(args.models.split(","))
+        unknown = [m for m in models if m not in common.MODELS]
+        if unknown:
+            raise SystemExit(f"--models: unknown {', '.join(unknown)}; expected some of {', '.join(common.MODELS)}")
+    if args.new_tokens is not None:
+        if args.new_tokens < 1:
+            raise SystemExit(f"--new-tokens: expected a positive number of tokens, got {args.new_tokens}")
+        new = args.new_tokens
     repeats = args.repeats or (2 if args.smoke else (3 if args.quick else 5))
     rows = common.Rows("bench_generate", device, dtype)
     print(f"bench_generate on {rows.common['device_name']}, {dtype}", flush=True)
@@ -131,6 +142,9 @@ def main(argv=None) -> int:
         for provider, t in times.items():
             rows.add("generate", shape, provider, "time_s", "s", t)
             rows.add("generate", shape, provider, "tokens_per_s", "tok/s", [batch * new / s for s in t])
+            if "base" in times:  # tokens/s against the base within each interleaved round: the ratio's spread
+                rows.add("generate", shape, provider, "tokens_per_s_vs_base", "x",
+                         [b / s for b, s in zip(times["base"], t)])
             if alignment_site(models_[provider]) is not None:  # the alignment layer's size
                 rows.add("generate", shape, provider, "alignment_params", "params",
                          sum(p.numel() for p in alignment_parameters(models_[provider])))
