@@ -261,6 +261,12 @@ def load_alignment(model: nn.Module, directory: str, mode: Optional[str] = None)
             f"(saved {sorted((k, tuple(v.shape)) for k, v in state.items())[:4]}..., expected "
             f"{sorted(expected.items())[:4]}...)"
         )
+    # The dtypes the weights are used in: the embedding table's (a new layer takes it, or float32 for a half table,
+    # and the linear layer is mixed into the table in its dtype) and those of a layer the model already has.
+    used_in = {model.get_input_embeddings().weight.dtype}
+    if site is not None:
+        used_in |= {p.dtype for p in site.trainable().parameters()}
+    storage.check_finite_in(state, used_in, f"load_alignment: the layer in {directory}")
     if site is None:
         add_alignment_control(model, mode=mode or info["mode"], layer=info["layer"])
         site = alignment_site(model)

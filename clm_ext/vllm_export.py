@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 from . import storage
+from .output_dirs import check_output_dir, nonempty_path, staged_into
 from .vllm_format import ARCHITECTURES, CONFIG_KEY, LAYER_FILE, LAYER_PREFIXES, MODE, block_fields, check_alpha
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,6 +37,7 @@ def _plan(model_dir: str, alignment_dir: str) -> tuple:
         )
     config = _read_json(config_path)
     info, layer = storage.read_layer(alignment_dir)
+    storage.check_finite_in(layer, _served_dtypes(config), f"--alignment: the layer in {alignment_dir}")
     if info.get("layer") not in LAYER_PREFIXES:
         raise ValueError(
             f"--alignment: {alignment_dir} holds a layer={info.get('layer')!r} alignment layer; the vLLM plugin "
@@ -60,6 +61,14 @@ def _plan(model_dir: str, alignment_dir: str) -> tuple:
     if info["layer"] == "block":
         _check_block(model_dir, config, info, layer)
     return config, info, layer
+
+
+def _served_dtypes(config: dict) -> set:
+    """The dtypes vLLM may run the layer in: float32 (the plugin's layer) and the checkpoint's own dtype."""
+    import torch
+
+    named = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"), None)
+    return {torch.float32} | ({named} if isinstance(named, torch.dtype) and named.is_floating_point else set())
 
 
 def _widths(fields: dict) -> dict:
@@ -116,30 +125,23 @@ def _check_block(model_dir: str, config: dict, info: dict, layer: dict) -> None:
         )
 
 
-def _check_out(out: str, force: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"--out: {out} exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
-
-
 def export_for_vllm(model_dir: str, alignment_dir: str, out: str, *, default_alpha: float = 1.0,
                     force: bool = False) -> str:
     """Write a directory `vllm serve` loads with the plugin: the base files, the layer, the new config.
 
-    Written to a temporary directory beside `out` and moved into place; a non-empty `out` is replaced only
-    with force=True. `default_alpha` is what a request without an alpha gets (stored in config.json).
+    Written to a new directory beside `out`, whose files then move into `out` (clm_ext.output_dirs): `out` may
+    not be, contain or lie inside the model or the layer; a non-empty `out` is written into only with
+    force=True, which replaces files of the same names and deletes nothing. `default_alpha` is what a request
+    without an alpha gets (stored in config.json).
     """
     from safetensors.torch import save_file
 
-    model_dir, alignment_dir, out = (os.path.abspath(os.fspath(p)) for p in (model_dir, alignment_dir, out))
+    model_dir, alignment_dir, out = (os.path.abspath(nonempty_path(p, flag)) for p, flag in
+                                     ((model_dir, "--model"), (alignment_dir, "--alignment"), (out, "--out")))
     default_alpha = check_alpha(default_alpha, "--default-alpha")
+    check_output_dir(out, {"--model": model_dir, "--alignment": alignment_dir}, force)
     config, info, layer = _plan(model_dir, alignment_dir)
-    _check_out(out, force)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
+    with staged_into(out) as tmp:
         for name in os.listdir(model_dir):
             src = os.path.join(model_dir, name)
             if os.path.isfile(src) and name not in ("config.json", LAYER_FILE) and not storage.is_layer_file(name):
@@ -160,14 +162,4 @@ def export_for_vllm(model_dir: str, alignment_dir: str, out: str, *, default_alp
             config[CONFIG_KEY]["block"] = block_fields(config)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.replace(out, os.path.join(old, "d"))
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

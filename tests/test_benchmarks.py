@@ -72,9 +72,12 @@ def test_quantiles():
 
 
 def test_missing_checkout_fails_clearly(monkeypatch, tmp_path, capsys):
+    from clm_ext.cli import main
+
     monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path / "nowhere")
-    assert bench.run(bench.argparse.Namespace(script="op", args=[])) == 2
-    assert "source checkout" in capsys.readouterr().err
+    assert main(["bench", "op"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clm bench: error: ") and "source checkout" in err and err.count("\n") == 1
 
 
 def test_real_model_dpo_cost_writes_rows(tmp_path):

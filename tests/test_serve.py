@@ -393,5 +393,5 @@ def test_default_alignment_is_the_demo_layer_of_the_default_model(tmp_path, monk
     monkeypatch.setattr(cli, "DEMO_LAYER", tmp_path)
     assert cli._alignment_dir(args) == str(tmp_path)
     assert cli._alignment_dir(argparse.Namespace(model="some/dir", alignment=None)) is None
-    with pytest.raises(SystemExit, match="--alignment"):
+    with pytest.raises(cli.UsageError, match="--alignment"):
         cli._alignment_dir(argparse.Namespace(model="some/dir", alignment=str(tmp_path / "nope")))

@@ -54,7 +54,7 @@ def test_a_sharded_checkpoints_index_names_the_layer_file(tmp_path):
     assert len(set(weight_map.values())) > 2  # still sharded
 
 
-def test_non_empty_out_is_refused_without_force_and_replaced_with_it(tmp_path, capsys):
+def test_non_empty_out_is_refused_without_force_and_written_into_with_it(tmp_path, capsys):
     _, base, alignment = _pair(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
@@ -62,10 +62,12 @@ def test_non_empty_out_is_refused_without_force_and_replaced_with_it(tmp_path, c
     args = ["export-vllm", "--model", base, "--alignment", alignment, "--out", str(out)]
     capsys.readouterr()  # drop save_pretrained's progress bar
     assert main(args) == 2
-    assert capsys.readouterr().err == f"clm export-vllm: error: --out: {out} is not empty; pass --force to replace it\n"
+    err = capsys.readouterr().err
+    assert err.startswith(f"clm export-vllm: error: --out {out} is a non-empty directory; pass --force")
+    assert err.count("\n") == 1
     assert (out / "mine.txt").read_text() == "keep me"
     assert main(args + ["--force"]) == 0
-    assert not (out / "mine.txt").exists() and (out / LAYER_FILE).exists()
+    assert (out / "mine.txt").read_text() == "keep me" and (out / LAYER_FILE).exists()  # --force deletes nothing
     assert "vllm.entrypoints.openai.api_server" in capsys.readouterr().out
 
 

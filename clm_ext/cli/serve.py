@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..sources import DEFAULT_MODEL
+from . import UsageError
 
 # The real demo's trained layer, served by default with the default model when the checkout has it.
 DEMO_LAYER = Path(__file__).resolve().parents[2] / "docs" / "demo" / "smollm2-layer"
@@ -37,34 +38,34 @@ def _alpha_range(text: str) -> tuple:
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
-        raise SystemExit(f"clm serve: --alpha-range must be LOW,HIGH (two numbers), got {text!r}") from None
+        raise UsageError(f"--alpha-range must be LOW,HIGH (two numbers), got {text!r}") from None
     if not (math.isfinite(low) and math.isfinite(high) and low <= high):
-        raise SystemExit(f"clm serve: --alpha-range must be finite with LOW <= HIGH, got {text!r}")
+        raise UsageError(f"--alpha-range must be finite with LOW <= HIGH, got {text!r}")
     return low, high
 
 
 def _check_args(args) -> tuple:
     alpha_range = _alpha_range(args.alpha_range)
     if not (math.isfinite(args.alpha_default) and alpha_range[0] <= args.alpha_default <= alpha_range[1]):
-        raise SystemExit(f"clm serve: --alpha-default {args.alpha_default} is outside --alpha-range {args.alpha_range}")
+        raise UsageError(f"--alpha-default {args.alpha_default} is outside --alpha-range {args.alpha_range}")
     for name in ("max_queue", "max_batch_tokens", "cache_blocks", "page_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"clm serve: --{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0 <= args.port < 65536:
-        raise SystemExit(f"clm serve: --port must be in [0, 65535], got {args.port}")
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     with socket.socket() as s:  # fail before loading the model, not after
         try:
             s.bind((args.host, args.port))
         except OSError as e:
-            raise SystemExit(f"clm serve: cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+            raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
     return alpha_range
 
 
 def _alignment_dir(args):
     if args.alignment:
         if not Path(args.alignment).is_dir():
-            raise SystemExit(f"clm serve: --alignment {args.alignment} is not a directory")
+            raise UsageError(f"--alignment {args.alignment} is not a directory")
         return args.alignment
     if args.model == DEFAULT_MODEL and DEMO_LAYER.is_dir():
         return str(DEMO_LAYER)
@@ -94,7 +95,7 @@ def run(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     except (ModelSourceError, OSError, ValueError) as e:
-        raise SystemExit(f"clm serve: cannot load --model {args.model}: {e}".splitlines()[0]) from None
+        raise UsageError(f"cannot load --model {args.model}: {e}".splitlines()[0]) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     try:
@@ -106,7 +107,7 @@ def run(args) -> int:
                               max_batch_tokens=args.max_batch_tokens)
         engine = Engine(model, tokenizer, config)
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"clm serve: {e}") from None
+        raise UsageError(str(e)) from None
     described = alignment or "identity (no trained layer: every alpha gives the base model)"
     name = args.served_model_name or (args.model if args.model == DEFAULT_MODEL else Path(args.model).name)
     limits = Limits(model_name=name, alpha_default=args.alpha_default, alpha_range=alpha_range,
