@@ -1,19 +1,19 @@
 """Generation throughput: the base model against the same model with the alignment dial.
 
-Why: benchmarks/README.md targets >= 0.98x of the base model's tokens/s at any alpha and with mixed
+Why: design.md section 5 targets >= 0.98x of the base model's tokens/s at any alpha and with mixed
 per-sequence alphas, and 1.0x for the merged model. Every provider generates from the same prompts (greedy,
 exactly `new` tokens per sequence: min_new_tokens = max_new_tokens) with `model.generate`, KV cache on:
 - base: the plain model; clm_alpha1: embed mode at alpha 1; clm_mixed: one alpha per sequence in [-1, 2];
 - clm_cached: as clm_mixed with `cache_aligned_table=True` (a gather + lerp per step, no GEMM);
 - clm_logits: mode "logits" (two streams, so about 2x the work: the fidelity mode, not the fast one); the
   layer runs on the aligned stream's rows only, the unaligned stream is a plain lookup;
-- clm_logits_all_rows: mode "logits" as it was before the layer ran on the aligned half only: its op over
-  all 2B rows, with alpha 0 for the unaligned half (the same numbers; what skipping that half saves). Case
+- clm_logits_all_rows: mode "logits" as it was before the embedding skipped the unaligned half: the layer's
+  op over all 2B rows, with alpha 0 for the unaligned half (the same numbers; what skipping that half saves). Case
   "logits_embedding_prefill" times the embedding's forward alone on the prefill's 2B rows for both;
 - merged: `clm_ext.merge_alignment(model, 1.0)`, a plain model again;
 - clm_block_logits: layer "block" (the paper's variant: a new first decoder block), mode "logits", mixed alphas;
 - clm_block_embed: layer "block", mode "embed" (the block's output mixed before the first block), mixed alphas.
-The side-by-side of the variants, all at the same mixed per-sequence alphas: linear/embed = clm_mixed,
+The issue-7 side-by-side of the variants, all at the same mixed per-sequence alphas: linear/embed = clm_mixed,
 linear/logits = clm_logits, block/logits = clm_block_logits (block/embed = clm_block_embed).
 Models come from Llama configs with random weights (the layer gets W = I + noise, as if trained). Calls are
 timed interleaved (one of each provider per round) so that load changes hit all alike.
@@ -56,12 +56,17 @@ def controlled(base, alpha, **kwargs):
 
 
 def all_rows_logits(base, alpha):
-    """Mode "logits" with the layer's op run over both streams (per-row alpha 0 | 1), the old logits mode."""
+    """Mode "logits" with the layer's op run over both streams (alpha 0 for the unaligned rows, 1 for the
+    aligned ones), as the embedding ran before it skipped the unaligned half: the same numbers, more work.
+    (Llama configs: no embedding scale to apply.)"""
     model = controlled(base, alpha, mode="logits")
     site = alignment_site(model)
 
     def forward(input_ids):
-        return site._scale(site._mix(input_ids, site.row_alpha(input_ids.shape[0], site.weight.device)))
+        streams = torch.ones(input_ids.shape[0], device=input_ids.device)
+        streams[: input_ids.shape[0] // 2] = 0.0
+        weight, bias = (t.to(site.weight.dtype) for t in (site.alignment.weight, site.alignment.bias))
+        return clm_ext.ops.embed_alignment_mix(input_ids, site.weight, weight, bias, streams)
 
     site.forward = forward
     return model

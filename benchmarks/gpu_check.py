@@ -231,15 +231,17 @@ def _installed_versions(python: str) -> dict:
 
 
 def _wanted_requirements() -> list:
-    """clm-ext's requirements (requirements.txt) for the packages the GPU stages use."""
+    """clm-ext's requirements for the packages the GPU stages use: pyproject.toml's core and extras, then the
+    pins requirements.txt adds for the tests (both are checked: the narrower pin decides)."""
+    import tomllib
     from packaging.requirements import Requirement
 
-    out = []
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line and Requirement(line).name.lower() in PACKAGES:
-            out.append(line)
-    return out
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    lines = list(project["dependencies"]) + [r for extra in project.get("optional-dependencies", {}).values()
+                                             for r in extra]
+    lines += [line.split("#", 1)[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    return [line for line in lines
+            if line and not line.startswith("-") and Requirement(line).name.lower() in PACKAGES]
 
 
 def travel_bytes(repo: Path, carry: tuple = (".gpu-wheels",)) -> int:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model import _text_config, alignment_site
+from .model import alignment_site, text_config
 
 INFO_NAME = "clm_checkpoint.json"
 LAYER_DIR = "alignment"
@@ -51,7 +51,7 @@ def describe_base(model: nn.Module) -> dict:
     """The identity of the frozen base: architecture fields and a digest of the first rows of its embedding
     table (cast to bfloat16, so an fp32 and a bf16 load of the same weights agree). The digest is None where the
     table is not materialised on this process (a ZeRO-3 partition)."""
-    config = _text_config(model)
+    config = text_config(model)
     table = model.get_input_embeddings().weight
     digest = None
     if table.dim() == 2 and table.shape[0] > 0 and not hasattr(table, "device_mesh"):

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .model import _site, alignment_strength
+from .model import alignment_strength, require_site
 
 
 def chat_prompt(tokenizer, text: str, chat: bool = True) -> str:
@@ -37,7 +37,7 @@ def generate(
     generate_kwargs go to `model.generate` (max_new_tokens defaults to 32; with num_return_sequences=n the
     result holds n completions per prompt, consecutive). The model's alpha is restored afterwards.
     """
-    site = _site(model, "generate")
+    site = require_site(model, "generate")
     if isinstance(prompts, str):
         if alphas is None or _is_one_alpha(alphas):
             prompts = [prompts]

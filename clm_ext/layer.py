@@ -12,65 +12,24 @@ Two kinds, both "sites" that mix an aligned path into the residual stream with a
   attention output and MLP down projections zeroed (identity at init), run on the embeddings just before
   the first original block (a forward pre-hook on it), with its own KV-cache slot after the model's last.
 
-In mode "logits" the wrapped model's forward runs 2B rows (unaligned rows first, aligned rows second) and a
-site gives the first half alpha 0 and the second alpha 1; the user's alpha mixes the logits
+In mode "logits" the wrapped model's forward runs 2B rows (unaligned rows first, aligned rows second): a
+site leaves the first half as the base model computes it (a plain lookup; the block skipped) and runs its
+layer in full on the second half (alpha 1); the user's alpha then mixes the two streams' logits
 (`AlignmentSite.attach_two_stream`: hooks on the causal LM).
 """
 from __future__ import annotations
 
 import copy
 import inspect
-import math
-from numbers import Real
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
+from .alpha import alpha_tensor, expand_alpha
 
 MODES = ("embed", "logits")
-
-
-def as_alpha(alpha: Union[float, Tensor, list, tuple], name: str = "alpha") -> Tensor:
-    """Check a user's alpha and return it as a float32 tensor: 0-d, or 1-D with one value per sequence."""
-    if isinstance(alpha, (list, tuple)):
-        alpha = torch.tensor([float(a) for a in alpha], dtype=torch.float32)
-    if isinstance(alpha, bool) or not isinstance(alpha, (Real, Tensor)):
-        raise TypeError(f"{name} must be a float or a 1-D tensor of one alpha per sequence, got {type(alpha).__name__}")
-    if isinstance(alpha, Real):
-        # Checked after the float32 conversion: 1e300 is a finite Python float but inf in float32.
-        value = torch.tensor(float(alpha), dtype=torch.float32)
-        if not math.isfinite(alpha) or not bool(torch.isfinite(value)):
-            raise ValueError(f"{name} must be finite in float32 (|alpha| <= 3.4e38), got {alpha}")
-        return value
-    if alpha.dtype == torch.bool or alpha.is_complex():
-        raise TypeError(f"{name} must be a real tensor, got dtype {alpha.dtype}")
-    if alpha.dim() > 1:
-        raise ValueError(
-            f"{name} must be a number or a 1-D tensor of one alpha per sequence, got shape {tuple(alpha.shape)}"
-        )
-    if alpha.dim() == 1 and alpha.numel() == 0:
-        raise ValueError(f"{name} must hold at least one value, got an empty tensor")
-    values = alpha.detach()
-    alpha = values.to(torch.float32)
-    if not bool(torch.isfinite(alpha).all()):
-        raise ValueError(f"{name} must be finite in float32 (|alpha| <= 3.4e38), got {values.tolist()}")
-    return alpha
-
-
-def expand_alpha(alpha: Tensor, rows: int) -> Tensor:
-    """One alpha per row. A per-sequence alpha of length B meeting k*B rows is repeated k times per
-    sequence (repeat_interleave), the way `generate` expands a batch for num_return_sequences and beams."""
-    if alpha.dim() == 0 or alpha.shape[0] == rows:
-        return alpha
-    n = alpha.shape[0]
-    if rows % n:
-        raise ValueError(
-            f"alpha has {n} values (one per sequence) but the batch has {rows} rows; set a single alpha or "
-            f"one per row (clm_ext.set_alpha)"
-        )
-    return alpha.repeat_interleave(rows // n)
 
 
 class AlignmentSite(nn.Module):
@@ -91,7 +50,7 @@ class AlignmentSite(nn.Module):
         return self._alpha
 
     def set_alpha(self, alpha) -> None:
-        self._alpha = as_alpha(alpha).to(self._device())
+        self._alpha = alpha_tensor(alpha).to(self._device())
 
     def _device(self) -> torch.device:
         return next(self.trainable().parameters()).device
@@ -105,13 +64,8 @@ class AlignmentSite(nn.Module):
         return self._alpha
 
     def row_alpha(self, rows: int, device: torch.device) -> Tensor:
-        """The alpha of each row this site sees: the user's (embed mode) or 0 | 1 per stream (logits mode)."""
-        if self.mode == "embed":
-            return expand_alpha(self.user_alpha(device), rows)
-        self._check_two_stream(rows)
-        half = torch.ones(rows, dtype=torch.float32, device=device)
-        half[: rows // 2] = 0.0
-        return half
+        """The user's alpha for each of `rows` rows (mode "embed"; mode "logits" runs its two streams apart)."""
+        return expand_alpha(self.user_alpha(device), rows)
 
     def _check_two_stream(self, rows: int) -> None:
         if self._stream_rows != rows:
@@ -270,7 +224,7 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
             return
         if self.mode != "embed":
             raise RuntimeError("a per-token alpha needs mode 'embed' (mode 'logits' runs two streams per sequence)")
-        alpha = as_alpha(alpha, "token alpha")
+        alpha = alpha_tensor(alpha, "token alpha")
         if alpha.dim() != 1:
             raise ValueError(f"token alpha must be 1-D, one value per token, got shape {tuple(alpha.shape)}")
         self._token_alpha = alpha.to(self.weight.device)

@@ -15,19 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from . import storage
-from .layer import MODES, AlignedEmbedding, AlignmentBlock, AlignmentSite, as_alpha
+from .alpha import alpha_tensor
+from .layer import MODES, AlignedEmbedding, AlignmentBlock, AlignmentSite
+from .version import __version__
 
 LAYERS = ("linear", "block")
 BLOCK_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma")
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
+    """The decoder's config of a Hugging Face causal LM (the text part of a multimodal one)."""
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"expected a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}")
@@ -46,7 +43,8 @@ def alignment_site(model: nn.Module) -> Optional[AlignmentSite]:
     return None
 
 
-def _site(model: nn.Module, what: str) -> AlignmentSite:
+def require_site(model: nn.Module, what: str) -> AlignmentSite:
+    """The model's alignment site, or an error telling the caller (`what`) to add one first."""
     site = alignment_site(model)
     if site is None:
         raise ValueError(f"{what}: the model has no alignment layer; call clm_ext.add_alignment_control(model) first")
@@ -55,7 +53,7 @@ def _site(model: nn.Module, what: str) -> AlignmentSite:
 
 def alignment_layer(model: nn.Module) -> nn.Module:
     """The trainable module: the d x d nn.Linear (layer="linear") or the new decoder block (layer="block")."""
-    return _site(model, "alignment_layer").trainable()
+    return require_site(model, "alignment_layer").trainable()
 
 
 def alignment_parameters(model: nn.Module) -> list:
@@ -82,7 +80,7 @@ def add_alignment_control(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
-    config = _text_config(model)
+    config = text_config(model)
     existing = alignment_site(model)
     if existing is not None:
         raise RuntimeError(
@@ -138,18 +136,18 @@ def set_alpha(model: nn.Module, alpha) -> None:
     of length B also serves batches of k*B rows (generate's num_return_sequences / beams), repeated per
     sequence.
     """
-    _site(model, "set_alpha").set_alpha(alpha)
+    require_site(model, "set_alpha").set_alpha(alpha)
 
 
 def get_alpha(model: nn.Module) -> Tensor:
     """The current alpha (a float32 tensor, 0-d or one value per sequence)."""
-    return _site(model, "get_alpha").alpha
+    return require_site(model, "get_alpha").alpha
 
 
 @contextlib.contextmanager
 def alignment_strength(model: nn.Module, alpha) -> Iterator[nn.Module]:
     """Temporarily set alpha; the previous alpha comes back on exit (also on an exception)."""
-    site = _site(model, "alignment_strength")
+    site = require_site(model, "alignment_strength")
     previous = site.alpha
     site.set_alpha(alpha)
     try:
@@ -163,10 +161,10 @@ def alignment_strength(model: nn.Module, alpha) -> Iterator[nn.Module]:
 
 
 def _describe(model: nn.Module, site: AlignmentSite) -> dict:
-    config = _text_config(model)
+    config = text_config(model)
     params = list(site.trainable().parameters())
     return {
-        "clm_ext_version": _version(),
+        "clm_ext_version": __version__,
         "model_type": getattr(config, "model_type", None),
         "hidden_size": config.hidden_size,
         "mode": site.mode,
@@ -209,7 +207,7 @@ def save_alignment(model: nn.Module, directory: str, *, is_main_process: bool = 
     DeepSpeed ZeRO-3 call it on every process (the sharded layer is gathered collectively) with
     `is_main_process` true on one only.
     """
-    site = _site(model, "save_alignment")
+    site = require_site(model, "save_alignment")
     with _gathered(site.trainable()):
         state = _full_state(site.trainable())
         info = _describe(model, site)
@@ -236,7 +234,7 @@ def load_alignment(model: nn.Module, directory: str, mode: Optional[str] = None)
     for key, allowed in (("layer", LAYERS), ("mode", MODES)):
         if info[key] not in allowed:
             raise ValueError(f"load_alignment: {config_path} has {key}={info[key]!r}, expected one of {allowed}")
-    config = _text_config(model)
+    config = text_config(model)
     for key, have in (("model_type", getattr(config, "model_type", None)), ("hidden_size", config.hidden_size)):
         if info.get(key) != have:
             raise ValueError(
@@ -293,7 +291,7 @@ def _layer_shapes(model: nn.Module, site: Optional[AlignmentSite], layer: str) -
         d = model.get_input_embeddings().embedding_dim
         return {"weight": (d, d), "bias": (d,)}
     else:
-        module = _decoder_blocks(model, _text_config(model))[1][0]  # the new block is a copy of block 0
+        module = _decoder_blocks(model, text_config(model))[1][0]  # the new block is a copy of block 0
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
@@ -310,8 +308,8 @@ def merge_alignment(model: nn.Module, alpha: float = 1.0) -> nn.Module:
     Only layer="linear" folds: a block is a nonlinear layer, and mode "logits" at alpha other than 0 or 1
     mixes two networks' outputs, which no single table can reproduce.
     """
-    site = _site(model, "merge_alignment")
-    alpha = as_alpha(alpha, "merge_alignment: alpha")
+    site = require_site(model, "merge_alignment")
+    alpha = alpha_tensor(alpha, "merge_alignment: alpha")
     if alpha.dim() != 0:
         raise ValueError("merge_alignment: alpha must be a single number (a merged model has one alignment strength)")
     alpha = float(alpha)
@@ -348,7 +346,7 @@ def merge_alignment(model: nn.Module, alpha: float = 1.0) -> nn.Module:
     if tied:
         config = plain.config
         config.tie_word_embeddings = False
-        text = _text_config(plain)
+        text = text_config(plain)
         if text is not config:
             text.tie_word_embeddings = False
     return plain

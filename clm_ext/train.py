@@ -14,11 +14,18 @@ import os
 
 import torch
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import create_model_from_path
 
-import clm_ext
-from clm_ext import checkpoints
-from clm_ext.model import alignment_parameters, alignment_site
+from . import checkpoints
+from .model import (
+    add_alignment_control,
+    alignment_parameters,
+    alignment_site,
+    alignment_strength,
+    load_alignment,
+    save_alignment,
+    set_alpha,
+)
+from .versions import TRAINER_TRL, require
 
 METHODS = ("clm", "full", "lora")
 
@@ -47,6 +54,7 @@ class CLMDPOTrainer(DPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
+        require("trl", TRAINER_TRL, "CLMDPOTrainer")
         if peft_config is not None:
             raise ValueError(
                 "peft_config: CLMDPOTrainer trains the alignment layer, not an adapter; "
@@ -62,14 +70,14 @@ class CLMDPOTrainer(DPOTrainer):
             raise ValueError("model: a PEFT model was given; CLMDPOTrainer needs a plain transformers model")
         site = alignment_site(model)
         if site is None:
-            clm_ext.add_alignment_control(model)
+            add_alignment_control(model)
         elif site.mode != "embed":
             raise ValueError(
                 f"model: the alignment layer is in mode {site.mode!r}; train it in mode 'embed' (at alpha 0 and 1 "
                 "both modes are the same network, so the trained layer serves both: "
                 "load_alignment(model, dir, mode='logits'))"
             )
-        clm_ext.set_alpha(model, 1.0)
+        set_alpha(model, 1.0)
         _check_only_the_layer_trains(model)
         self._clm_base = checkpoints.describe_base(model)
         super().__init__(
@@ -129,7 +137,7 @@ class CLMDPOTrainer(DPOTrainer):
         output_dir = output_dir or self.args.output_dir
         model = self._unwrapped_model()
         target = os.path.join(output_dir, checkpoints.LAYER_DIR) if _internal_call else output_dir
-        clm_ext.save_alignment(model, target, is_main_process=self.args.should_save)
+        save_alignment(model, target, is_main_process=self.args.should_save)
         if _internal_call and self.args.should_save:
             checkpoints.write_info(output_dir, self._clm_base, model)
 
@@ -155,7 +163,7 @@ class CLMDPOTrainer(DPOTrainer):
         """Load the layer of a layer-only checkpoint, after checking it was made on this base and layer kind."""
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         checkpoints.check_info(resume_from_checkpoint, self._clm_base, model)
-        clm_ext.load_alignment(model, os.path.join(resume_from_checkpoint, checkpoints.LAYER_DIR))
+        load_alignment(model, os.path.join(resume_from_checkpoint, checkpoints.LAYER_DIR))
 
 
 class _AlphaZeroReference:
@@ -175,7 +183,7 @@ def _reference_mode(model):
     was_training = model.training
     model.eval()
     try:
-        with clm_ext.alignment_strength(model, 0.0):
+        with alignment_strength(model, 0.0):
             yield
     finally:
         model.train(was_training)
@@ -202,6 +210,8 @@ def _is_peft_model(model) -> bool:
 
 def _load_model(path: str, args: DPOConfig | None, quantization_config):
     """Load `path` the way TRL's DPOTrainer does (args.model_init_kwargs, float32 unless told otherwise)."""
+    from trl.trainer.utils import create_model_from_path  # here: not every trl release clm-ext installs with has it
+
     kwargs = dict((args.model_init_kwargs if args is not None else None) or {})
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config

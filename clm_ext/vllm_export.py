@@ -12,8 +12,9 @@ import os
 import shutil
 
 from . import storage
+from .alpha import alpha_number
 from .output_dirs import check_output_dir, nonempty_path, staged_into
-from .vllm_format import ARCHITECTURES, CONFIG_KEY, LAYER_FILE, LAYER_PREFIXES, MODE, block_fields, check_alpha
+from .vllm_format import ARCHITECTURES, CONFIG_KEY, LAYER_FILE, LAYER_PREFIXES, MODE, block_fields
 
 INDEX_NAME = "model.safetensors.index.json"
 FIRST_LAYER = "model.layers.0."  # a block layer is a copy of the base's first decoder layer
@@ -138,7 +139,7 @@ def export_for_vllm(model_dir: str, alignment_dir: str, out: str, *, default_alp
 
     model_dir, alignment_dir, out = (os.path.abspath(nonempty_path(p, flag)) for p, flag in
                                      ((model_dir, "--model"), (alignment_dir, "--alignment"), (out, "--out")))
-    default_alpha = check_alpha(default_alpha, "--default-alpha")
+    default_alpha = alpha_number(default_alpha, "--default-alpha")
     check_output_dir(out, {"--model": model_dir, "--alignment": alignment_dir}, force)
     config, info, layer = _plan(model_dir, alignment_dir)
     with staged_into(out) as tmp:

@@ -9,8 +9,6 @@ which the plugin checks against the model at start-up.
 """
 from __future__ import annotations
 
-import math
-
 # Base architecture -> the plugin's class for it.
 ARCHITECTURES = {
     "LlamaForCausalLM": "ClmLlamaForCausalLM",
@@ -27,19 +25,6 @@ MODE = "embed"  # the one mode the plugin serves (one stream, alpha per token)
 # The config fields a block layer must share with the model it is served on.
 BLOCK_FIELDS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "intermediate_size")
-
-FLOAT32_MAX = 3.4028234663852886e38  # the per-token alpha buffer is float32
-
-
-def check_alpha(value, name: str = "alpha") -> float:
-    """A request's alpha as a float: a real number finite in float32 (bools and strings refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-        raise ValueError(f"{name} must be finite (in float32), got {value}")
-    return value
-
 
 def head_dim(config: dict) -> int:
     """The attention head size of a Llama / Qwen2 config (explicit, or hidden_size / heads)."""

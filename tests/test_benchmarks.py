@@ -9,6 +9,8 @@ import pytest
 
 from clm_ext.cli import bench
 
+pytestmark = pytest.mark.slow
+
 _spec = importlib.util.spec_from_file_location("clm_benchmarks_common", bench.benchmarks_dir() / "common.py")
 common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
@@ -83,7 +85,7 @@ def test_missing_checkout_fails_clearly(monkeypatch, tmp_path, capsys):
 def test_real_model_dpo_cost_writes_rows(tmp_path):
     """bench_dpo_real on a tiny local checkpoint (the real run uses SmolLM2-135M-Instruct): every provider runs,
     CLM's checkpoint is the layer-only one and the smallest, full fine-tuning trains the most parameters."""
-    from conftest import tiny_causal_lm, tiny_tokenizer
+    from helpers import tiny_causal_lm, tiny_tokenizer
 
     tiny_causal_lm("llama").save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import clm_ext
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
             "{% if add_generation_prompt %}<s> assistant {% endif %}")

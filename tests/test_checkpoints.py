@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 from transformers import TrainerCallback
 
 import clm_ext

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import clm_ext
@@ -179,6 +179,7 @@ def test_a_missing_model_directory_is_one_line(capsys, tmp_path):
         assert_one_line_error(rc, err, "--model", "no such directory")
 
 
+@pytest.mark.slow
 def test_the_clm_command_reports_a_bad_layer_without_a_traceback(workspace, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -1,7 +1,7 @@
 """Generation with the dial: KV cache, left padding, per-sequence alphas, beams, the `clm generate` CLI."""
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 
 import clm_ext
 from clm_ext.model import alignment_parameters

@@ -15,11 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import WORDS, tiny_causal_lm, tiny_tokenizer
+from helpers import WORDS, tiny_causal_lm, tiny_tokenizer
 
 import clm_ext
 from clm_ext.model import alignment_site
 from clm_ext.serve.batch_hooks import RequestSpec, RequestTable
+
+pytestmark = pytest.mark.serve
 
 MAX_TOKENS = 12
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"

@@ -41,7 +41,7 @@ def test_a_missing_package_says_what_to_install(monkeypatch):
         resolve_model("smollm2-135m-instruct")
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_packaged_smollm2_converts_once_into_a_plain_trainable_checkpoint(tmp_path, monkeypatch):
     """The converted checkpoint loads as an ordinary float32 model (not marked quantized), with the chat
     template, and gives the same logits as transformers' own GGUF load; the second call reuses the cache."""
@@ -80,7 +80,7 @@ def test_the_converted_checkpoint_honours_the_umask(tmp_path, monkeypatch):
     """A converted model in the cache is readable as the umask allows (a service account may serve it), not
     0700. The GGUF reading is stood in for by a tiny model; the folder handling is the real one."""
     import transformers
-    from conftest import tiny_causal_lm, tiny_tokenizer
+    from helpers import tiny_causal_lm, tiny_tokenizer
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_causal_lm())
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny_tokenizer())

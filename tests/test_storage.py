@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from helpers import tiny_causal_lm
 from safetensors.torch import save_file
 
 import clm_ext
@@ -223,7 +223,7 @@ CONCURRENT = textwrap.dedent("""
     import json, sys, time
     import torch
     sys.path.insert(0, sys.argv[5])
-    from conftest import tiny_causal_lm
+    from helpers import tiny_causal_lm
     import clm_ext
     from clm_ext.model import alignment_layer
 
@@ -250,6 +250,7 @@ CONCURRENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_saves_and_loads_never_fail_or_mix(tmp_path):
     """Two processes saving and two loading the same directory for 3 s: every load is one whole save."""
     target = str(tmp_path / "layer")

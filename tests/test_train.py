@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 from trl import DPOConfig, DPOTrainer
 
 import clm_ext

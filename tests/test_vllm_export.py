@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from helpers import tiny_causal_lm
 from safetensors.torch import load_file
 
 import clm_ext
@@ -131,7 +131,7 @@ def test_mismatched_layer_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("argv_tail, message", [
-    (["--default-alpha", "nan"], "clm export-vllm: error: --default-alpha must be finite (in float32), got nan"),
+    (["--default-alpha", "nan"], "clm export-vllm: error: --default-alpha must be finite in float32 (|alpha| <= 3.4e38), got nan"),
     (["--alignment", "/nonexistent"], "clm export-vllm: error: load_alignment: /nonexistent is not a saved alignment"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv_tail, message):

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Optional
 
 from ..layer import AlignedEmbedding
 from ..model import alignment_site
+from ..versions import SERVE_TRANSFORMERS, require
 from .batch_hooks import BatchHooks, RequestSpec, RequestTable
 
 
@@ -45,6 +46,7 @@ class Engine:
     """Submit token ids with a RequestSpec; iterate over Steps. Thread-safe submission from one event loop."""
 
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+        require("transformers", SERVE_TRANSFORMERS, "clm serve")
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..alpha import AlphaError, alpha_from_request, show
+
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "response_format")
 
 
@@ -87,26 +89,17 @@ def _is_number(value) -> bool:
 
 
 def _alpha(body: dict, limits: Limits) -> float:
-    found = []
-    if body.get("alpha") is not None:
-        found.append(("alpha", body["alpha"]))
-    xargs = body.get("vllm_xargs")
-    if xargs is not None:
-        if not isinstance(xargs, dict):
-            raise BadRequest(f"'vllm_xargs' must be an object, got {type(xargs).__name__}", "vllm_xargs")
-        if xargs.get("alpha") is not None:
-            found.append(("vllm_xargs.alpha", xargs["alpha"]))
+    try:
+        value = alpha_from_request(body)
+    except AlphaError as err:
+        raise BadRequest(str(err), err.param) from None
+    if value is None:
+        return limits.alpha_default
     low, high = limits.alpha_range
-    values = []
-    for name, value in found:
-        if not _is_number(value) or not math.isfinite(value):
-            raise BadRequest(f"'{name}' must be a finite number, got {value!r}", name)
-        if not low <= value <= high:
-            raise BadRequest(f"'{name}' must lie in the server's --alpha-range [{low:g}, {high:g}], got {value:g}", name)
-        values.append(float(value))
-    if len(values) == 2 and values[0] != values[1]:
-        raise BadRequest(f"'alpha' ({values[0]:g}) and 'vllm_xargs.alpha' ({values[1]:g}) disagree", "alpha")
-    return values[0] if values else limits.alpha_default
+    if not low <= value <= high:
+        name = "alpha" if "alpha" in body else "vllm_xargs.alpha"
+        raise BadRequest(f"{name} must lie in the server's --alpha-range [{low!r}, {high!r}], got {show(value)}", name)
+    return value
 
 
 def _max_tokens(body: dict, chat: bool) -> int:

@@ -24,7 +24,8 @@ from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 
 from .. import ops
-from ..vllm_format import CONFIG_KEY, LAYER_PREFIXES, MODE, block_fields, check_alpha
+from ..alpha import alpha_number
+from ..vllm_format import CONFIG_KEY, LAYER_PREFIXES, MODE, block_fields
 from .alpha import TokenAlpha
 
 
@@ -92,7 +93,7 @@ class ClmModelMixin:
             )
         if model_config.enable_prompt_embeds:
             raise ValueError("clm-ext: --enable-prompt-embeds bypasses the token embedding and so the alignment dial")
-        default_alpha = check_alpha(info.get("default_alpha", 1.0), f"{CONFIG_KEY}.default_alpha")
+        default_alpha = alpha_number(info.get("default_alpha", 1.0), f"{CONFIG_KEY}.default_alpha")
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         if info["layer"] == "block":
             self.clm_alpha = self._add_block(vllm_config, prefix, info, max_tokens, default_alpha)
