@@ -1,6 +1,6 @@
 """Generation throughput: the base model against the same model with the alignment dial.
 
-Why: design.md section 5 targets >= 0.98x of the base model's tokens/s at any alpha and with mixed
+Why: benchmarks/README.md targets >= 0.98x of the base model's tokens/s at any alpha and with mixed
 per-sequence alphas, and 1.0x for the merged model. Every provider generates from the same prompts (greedy,
 exactly `new` tokens per sequence: min_new_tokens = max_new_tokens) with `model.generate`, KV cache on:
 - base: the plain model; clm_alpha1: embed mode at alpha 1; clm_mixed: one alpha per sequence in [-1, 2];

@@ -1,6 +1,6 @@
 """The fused alignment-mix ops against the eager PyTorch composition, torch.compile of it and the bare GEMMs.
 
-Why: design.md section 5 asks how far the fused op is from its floor (the GEMMs it must do: forward
+Why: benchmarks/README.md asks how far the fused op is from its floor (the GEMMs it must do: forward
 [N,d]x[d,d]; backward dx = dy W and dW = dy^T x) and how much it saves over eager. Measured for
 `alignment_mix` (x, W and b trainable) and `embed_alignment_mix` (frozen table: W and b trainable, so the
 backward floor is the dW GEMM alone), per-sequence and scalar alpha, forward / backward / forward+backward.
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     pending = []  # roofline fractions wait for the ceilings measured again at the end
     # Per-sequence alpha (the general case) everywhere, scalar alpha at the headline shape; torch.compile
     # (a fresh compile per case, seconds each) at the smallest batch of several tokens and the largest N;
-    # --quick compiles only what design.md's target names: alignment_mix forward+backward.
+    # --quick compiles only what the performance target names: alignment_mix forward+backward.
     for d in () if args.fold_only else ds:
         for n in ns:
             for op in ("alignment_mix", "embed_alignment_mix"):

@@ -1,7 +1,7 @@
 """Serving load test: `clm serve` with mixed per-request alphas against the same server at one alpha and
 against `transformers serve --continuous-batching` (the reference engine, no dial).
 
-Why: design.md section 5 targets >= 0.95x tokens/s for mixed per-request alphas against both. Each server
+Why: benchmarks/README.md targets >= 1.0x tokens/s for mixed per-request alphas against both. Each server
 runs in its own process on loopback; a load is N requests (greedy, max_tokens new tokens each, prompts
 cycled) sent by C concurrent async clients over HTTP; tokens/s = completion tokens (from `usage`) / wall
 time of the load; latency = per request, first byte sent to last byte received. Providers:

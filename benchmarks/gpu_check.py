@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-# The packages issue 14 asks about (hypothesis: only for the property test of tests/test_alignment_mix.py).
+# The packages the GPU check reports on (hypothesis: only for the property test of tests/test_alignment_mix.py).
 PACKAGES = ("transformers", "trl", "peft", "accelerate", "datasets", "pytest", "hypothesis", "safetensors")
 # Recorded too: what the carried wheels lean on (datasets 5.2 needs pyarrow >= 24; bench_dpo needs psutil).
 ALSO_RECORDED = ("pyarrow", "psutil", "tokenizers", "huggingface_hub", "numpy")
@@ -581,7 +581,7 @@ def generate_long_lines(rows: list) -> list:
     return lines
 
 
-# design.md section 5, as (what, numerator, denominator, bound): "<=" or ">=" on their ratio.
+# benchmarks/README.md's performance targets, as (what, numerator, denominator, bound): "<=" or ">=" on their ratio.
 TARGETS = (
     ("fused op fwd+bwd: eager / clm", "op:eager", "op:clm", ">=", 1.3),
     ("fused op fwd+bwd: torch.compile / clm", "op:compile", "op:clm", ">=", 1.0),
@@ -747,7 +747,7 @@ def write_outputs(c: Check) -> list:
             lines += ["", f"## {title}", ""] + (f[key] if key in ("dpo_8b", "generate_long") else
                                                 [f"- {x}" for x in f[key]])
     if f.get("targets"):
-        lines += ["", "## Design targets (design.md section 5)", ""] + f["targets"]
+        lines += ["", "## Performance targets (benchmarks/README.md)", ""] + f["targets"]
     if f.get("table"):
         lines += ["", "## Benchmarks (`clm bench plot --table`)", "", f["table"]]
     (c.out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -40,7 +40,7 @@ def test_script_writes_rows(results, script, metrics):
     rows = json.loads((results / f"{script}_cpu.json").read_text())
     assert metrics <= {r["metric"] for r in rows}
     providers = {r["provider"] for r in rows}
-    if script == "bench_generate":  # issue 7's variants: linear/embed, linear/logits, block/logits, block/embed
+    if script == "bench_generate":  # the layer variants: linear/embed, linear/logits, block/logits, block/embed
         assert {"base", "clm_mixed", "clm_logits", "clm_block_logits", "clm_block_embed"} <= providers
     if script == "bench_dpo":
         assert {"clm", "clm-block", "full", "lora"} <= providers

@@ -67,7 +67,7 @@ class DemoConfig:
 
     @classmethod
     def real(cls, quick: bool = False, **overrides) -> "DemoConfig":
-        """The real-model demo's sizes, planned to finish in 20 minutes on two CPU cores (README: time per stage)."""
+        """The real-model demo's sizes, planned to finish in 20 minutes on two CPU cores (docs/demo/README.md: Time)."""
         # The block layer, trained one epoch over 373 pairs, is what reached full DPO's held-out gain at alpha 1
         # (docs/demo/experiments): the linear layer and 103 pairs seen 2.5 times stopped at 71-75%.
         sizes = dict(pair_prompts=480, pair_samples=4, min_margin=0.4, eval_prompts=24, eval_samples=4,
