@@ -118,3 +118,24 @@ def test_bench_dials_end_to_end_at_tiny_sizes(tmp_path, toy):
     with pytest.raises(SystemExit, match="--out"):
         bench.main(argv)
     assert bench.main(argv + ["--force"]) == 0
+
+
+def test_compare_modes_flags_alphas_where_embed_leaves_the_standard_error():
+    spec = importlib.util.spec_from_file_location("compare_modes", ROOT / "benchmarks" / "compare_modes.py")
+    modes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modes)
+
+    def sweep(rewards):
+        return [{"alpha": a, "reward": r, "reward_stderr": 0.05, "heldout_reward": r / 2, "heldout_reward_stderr": 0.02,
+                 "perplexity": 10.0, "unknown_words": 0.02, "distinct_2": 0.8} for a, r in zip([-1, 0, 1, 2, 3], rewards)]
+
+    results = {"variants": {"block/logits": {"sweep": sweep([0.1, 0.3, 0.6, 0.7, 0.8])},
+                            "block/embed": {"sweep": sweep([0.12, 0.3, 0.63, 0.72, 0.2])}}}
+    c = modes.compare(results, "block", -1, 2)
+    assert c["embed_within_stderr_of_logits"]  # alpha 1: 0.03 <= 0.05, 0.015 <= 0.02; 3 is out of range
+    results["variants"]["block/embed"]["sweep"][2]["heldout_reward"] = 0.35  # 0.05 above logits' 0.30
+    c = modes.compare(results, "block", -1, 2)
+    assert not c["embed_within_stderr_of_logits"]
+    assert c["outside"] == [{"alpha": 1, "judge": "TextBlob", "embed_minus_logits": pytest.approx(0.05)}]
+    with pytest.raises(ValueError, match="linear/logits"):
+        modes.compare(results, "linear", -1, 2)
