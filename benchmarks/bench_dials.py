@@ -396,8 +396,8 @@ def main(argv=None) -> int:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     ctx = _Context(args)
+    results = {m: run_method(ctx, m) for m in methods}  # each cached as it finishes, the base last
     base = run_base(ctx)
-    results = {m: run_method(ctx, m) for m in methods}
     write_report(args.out, results, base, command)
     return 0
 

@@ -1,11 +1,13 @@
 """Mode embed against mode logits on one trained layer: both columns of a `clm demo --variants
-LAYER/logits,LAYER/embed` run (same layer, same pairs, same held-out samples with common random numbers), with
-standard errors, and whether embed stays within a standard error of logits over an alpha range.
+LAYER/logits,LAYER/embed` run, or of `bench_dials.py`'s cached LAYER/logits and LAYER/embed sweeps (same layer,
+same held-out samples with common random numbers), with standard errors, and whether embed stays within a
+standard error of logits over an alpha range.
 
 "Within a standard error" at one alpha: |embed - logits| <= the larger of the two standard errors, for both
 judges. Writes modes.json, table.md and modes.png to --out.
 
     python benchmarks/compare_modes.py --demo clm-demo-out --out docs/demo/embed-vs-logits
+    python benchmarks/compare_modes.py --sweeps CACHE/sweeps --out docs/demo/embed-vs-logits
 """
 from __future__ import annotations
 
@@ -85,16 +87,34 @@ def plot(c: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _demo_results(directory: str) -> dict:
+    with open(os.path.join(directory, "results.json")) as f:
+        return json.load(f)
+
+
+def _bench_sweeps(directory: str, layer: str) -> dict:
+    """bench_dials.py's cached sweeps of both modes in the form of a demo's results (value -> alpha)."""
+    variants = {}
+    for mode in ("logits", "embed"):
+        path = os.path.join(directory, f"{layer}-{mode}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                variants[f"{layer}/{mode}"] = {"sweep": [{"alpha": r["value"], **r} for r in json.load(f)["rows"]]}
+    return {"variants": variants}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--demo", required=True, help="a clm demo output directory (its results.json)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--demo", help="a clm demo output directory (its results.json)")
+    source.add_argument("--sweeps", help="a bench_dials.py cache's sweeps directory (LAYER-logits.json, "
+                                         "LAYER-embed.json)")
     p.add_argument("--out", required=True)
     p.add_argument("--layer", default="block", choices=("linear", "block"))
     p.add_argument("--range", default="-1,2", help="alpha range of the verdict, LOW,HIGH")
     args = p.parse_args(argv)
     low, high = (float(v) for v in args.range.split(","))
-    with open(os.path.join(args.demo, "results.json")) as f:
-        c = compare(json.load(f), args.layer, low, high)
+    c = compare(_demo_results(args.demo) if args.demo else _bench_sweeps(args.sweeps, args.layer), args.layer, low, high)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "modes.json"), "w") as f:
         json.dump(c, f, indent=1)
