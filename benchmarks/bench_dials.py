@@ -231,7 +231,11 @@ def run_method(ctx, method) -> dict:
     """Sweep one method (or read its cached sweep) and return {rows, extra_params}."""
     cached = ctx.path("sweeps", method.replace("/", "-") + ".json")
     if os.path.exists(cached):
-        return _load_json(cached)
+        result = _load_json(cached)
+        if [r["value"] for r in result["rows"]] != ctx.values:
+            raise SystemExit(f"--cache: {cached} holds a sweep over other dial values "
+                             f"({[r['value'] for r in result['rows']]}); use another --cache or delete that file")
+        return result
     found = _from_demo(ctx, method) if ctx.args.from_demo and method.startswith("block/") else None
     rows, extra = found or (SWEEPS[method](ctx) if method in SWEEPS else _sweep_clm(ctx, method))
     result = {"rows": rows, "extra_params": extra, "source": "clm demo " + ctx.args.from_demo if found else "here",
