@@ -118,6 +118,8 @@ def test_bench_dials_end_to_end_at_tiny_sizes(tmp_path, toy):
     with pytest.raises(SystemExit, match="--out"):
         bench.main(argv)
     assert bench.main(argv + ["--force"]) == 0
+    with pytest.raises(SystemExit, match="--cache: .* other dial values"):
+        bench.main(argv[:argv.index("--values")] + ["--values", "0,1"] + argv[argv.index("--values") + 2:] + ["--force"])
 
 
 def test_compare_modes_flags_alphas_where_embed_leaves_the_standard_error():
