@@ -41,7 +41,7 @@ def nvidia_wheel_includes() -> list:
 def extension():
     debug = os.environ.get("CLM_EXT_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = [os.path.join("csrc", "alignment_mix.cpp"), *sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))]
+    sources = [os.path.join("csrc", "alignment_mix.cpp"), os.path.join("csrc", "dial_mix.cpp"), *sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))]
     cxx = opt + ["-fopenmp", "-std=c++20", "-Wno-psabi"]
     if not build_cuda():
         return CppExtension("clm_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

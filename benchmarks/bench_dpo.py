@@ -6,7 +6,7 @@ layer (layer="block"), both through CLMDPOTrainer. The trainer trains in mode "e
 the same network as mode "logits", so the DPO step of linear/logits is clm's and that of block/logits is
 clm-block's (measured once each, not twice). trainable_params is reported for every provider.
 
-Why: design.md section 5 targets peak memory <= 0.55x and step time <= 0.8x of full DPO, and <= 1.0x of
+Why: benchmarks/README.md targets peak memory <= 0.55x and step time <= 0.8x of full DPO, and <= 1.0x of
 LoRA DPO. Each provider runs in a fresh subprocess (no allocator or import state shared; --smoke runs them
 in-process, as it only checks that the code runs), through
 `clm_ext.train.make_dpo_trainer`, for `warmup + steps` optimizer steps on random-token preference pairs.

@@ -1,6 +1,6 @@
 """The fused alignment-mix ops against the eager PyTorch composition, torch.compile of it and the bare GEMMs.
 
-Why: design.md section 5 asks how far the fused op is from its floor (the GEMMs it must do: forward
+Why: benchmarks/README.md asks how far the fused op is from its floor (the GEMMs it must do: forward
 [N,d]x[d,d]; backward dx = dy W and dW = dy^T x) and how much it saves over eager. Measured for
 `alignment_mix` (x, W and b trainable) and `embed_alignment_mix` (frozen table: W and b trainable, so the
 backward floor is the dW GEMM alone), per-sequence and scalar alpha, forward / backward / forward+backward.
@@ -12,6 +12,11 @@ into the weight (W_a = I + a (W - I), then one GEMM) once rows >= a per-dtype th
 fp32, 3.3 d in bf16/fp16, from the bytes each path moves); "mix" is the GEMM + mixing pass (the op with a
 per-sequence alpha of equal values), "fold" the same ATen calls the fold makes (W_a, then addmm), "clm" the
 op with a scalar alpha, which picks by the threshold (metric fold_threshold_rows).
+
+Also the K-dial op (case "dial_mix/K=<k>/<phase>"): `dial_ops.dial_mix` (x, the stacked W_k and b_k trainable,
+a different alpha vector per sequence) against the eager composition `reference_dial_mix` (K linear layers,
+then the weighted sum), forward / backward / forward+backward; and its forward GEMM as one GEMM over the
+stacked [K d, d] weights ("gemm_stacked", what the op does) or K GEMMs ("gemm_per_dial").
 
 Rows: time_s per provider and phase, roofline_fraction (roofline time / median time, with ceilings measured
 in the same run, at its start and its end: a large square GEMM and a large copy), flop and bytes of each shape (provider "roofline"),
@@ -28,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from clm_ext import ops  # noqa: E402
+from clm_ext import dial_ops, ops  # noqa: E402
 
 
 def grids(args, device):
@@ -281,6 +286,35 @@ def bench_fold(d, args, device, rows, budget):
               + " ".join(line), flush=True)
 
 
+def bench_dials(n, d, dials, args, device, dtype, rows, budget):
+    """The K-dial op's forward / backward / forward+backward against the eager composition; one sequence of
+    64 tokens per alpha vector."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    seqs = max(1, n // 64)
+    x = torch.randn(seqs, n // seqs, d, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.eye(d) + 0.02 * torch.randn(dials, d, d, generator=g)).to(device, dtype).requires_grad_()
+    b = (0.02 * torch.randn(dials, d, generator=g)).to(device, dtype).requires_grad_()
+    alpha = (torch.rand(seqs, dials, generator=g) * 3 - 1).to(device)
+    dy = torch.randn(x.shape, generator=g).to(device, dtype)
+    case, shape = f"dial_mix/K={dials}", f"N={seqs * (n // seqs)} d={d}"
+    fns = {name: phase_fns(f, (x, w, b, alpha), (x, w, b), dy)
+           for name, f in (("clm", dial_ops.dial_mix), ("eager", dial_ops.reference_dial_mix))}
+    x2, w_stacked = x.detach().reshape(-1, d), w.detach().reshape(dials * d, d)
+    gemms = {"gemm_stacked": lambda: torch.mm(x2, w_stacked.t()),
+             "gemm_per_dial": lambda: [torch.mm(x2, w.detach()[k].t()) for k in range(dials)]}
+    for phase in ("fwd", "bwd", "fwdbwd"):
+        timed = {name: pf[phase] for name, pf in fns.items()}
+        if phase == "fwd":
+            timed.update(gemms)
+        times = common.time_fns(timed, device, repeats=args.repeats, budget_s=budget * len(timed),
+                                min_repeat_s=args.min_repeat_s)
+        for provider, t in times.items():
+            rows.add(f"{case}/{phase}", shape, provider, "time_s", "s", t)
+    print(f"  {case:34s} {shape:16s} " + "  ".join(
+        f"{r['provider']}={r['median'] * 1e3:.3f}ms" for r in rows.rows[-4:]
+        if r["case"] == case + "/fwdbwd" and r["metric"] == "time_s"), flush=True)
+
+
 def add_roofline(rows, pending, roofs):
     """Roofline time of every shape (provider "roofline") and each measurement's fraction of it."""
     peak_flops, peak_bw = roofs
@@ -312,7 +346,7 @@ def main(argv=None) -> int:
     pending = []  # roofline fractions wait for the ceilings measured again at the end
     # Per-sequence alpha (the general case) everywhere, scalar alpha at the headline shape; torch.compile
     # (a fresh compile per case, seconds each) at the smallest batch of several tokens and the largest N;
-    # --quick compiles only what design.md's target names: alignment_mix forward+backward.
+    # --quick compiles only what the performance target names: alignment_mix forward+backward.
     for d in () if args.fold_only else ds:
         for n in ns:
             for op in ("alignment_mix", "embed_alignment_mix"):
@@ -325,6 +359,9 @@ def main(argv=None) -> int:
         for batch in batches:
             bench_decode(batch, d, vocab, args, device, dtype, rows, pending, with_compile and not args.quick,
                          budget)
+    if not args.fold_only:
+        for dials in (1, 3):
+            bench_dials(head[0], head[1], dials, args, device, dtype, rows, budget)
     if args.fold_only or not args.quick:  # --quick: the headline cases only, not this 8-size sweep per dtype
         bench_fold(head[1], args, device, rows, 4 * budget)  # small differences: more rounds
     end = ceilings(device, dtype, rows, args.smoke, "end")

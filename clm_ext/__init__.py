@@ -9,8 +9,7 @@ from .model import (
     save_alignment,
     set_alpha,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ops",

@@ -11,7 +11,29 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .model import _site, alignment_strength
+from .model import alignment_strength, require_site
+
+
+# Sampling below this temperature is greedy decoding. logits / t overflows float32 once t nears 1e-38 (softmax
+# then gives NaN), and long before that the distribution is one-hot but for exact ties. One rule for
+# `generate`, `clm generate` and `clm serve`, so no accepted temperature can fail there.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether sampling at `temperature` is greedy decoding (temperature 0, or below GREEDY_BELOW)."""
+    return temperature < GREEDY_BELOW
+
+
+def _greedy_when_cold(model: nn.Module, kwargs: dict) -> dict:
+    """generate_kwargs with sampling turned into greedy decoding when the temperature is below GREEDY_BELOW."""
+    config = getattr(model, "generation_config", None)
+    do_sample = kwargs.get("do_sample", getattr(config, "do_sample", False))
+    temperature = kwargs.get("temperature", getattr(config, "temperature", None))
+    if not do_sample or temperature is None or not is_greedy(temperature):
+        return kwargs
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")}
+    return {**kwargs, "do_sample": False}
 
 
 def chat_prompt(tokenizer, text: str, chat: bool = True) -> str:
@@ -27,19 +49,22 @@ def generate(
     model: nn.Module,
     tokenizer,
     prompts: Union[str, Sequence[str]],
-    alphas: Optional[Union[float, Sequence[float]]] = None,
+    alphas: Optional[Union[float, dict, Sequence[Union[float, dict]]]] = None,
     **generate_kwargs,
 ) -> List[str]:
     """Complete `prompts`, each at its own alpha, in one left-padded batch; return the completions.
 
     prompts: a list of strings, with `alphas` one float for all or one per prompt; or a single string,
     with `alphas` a list: that prompt at every alpha (a sweep). alphas=None uses the model's current alpha.
+    A model with named dials takes dicts {dial: alpha} in place of numbers: one dict for all prompts, or one
+    per prompt (a dial a dict leaves out is at 0).
     generate_kwargs go to `model.generate` (max_new_tokens defaults to 32; with num_return_sequences=n the
-    result holds n completions per prompt, consecutive). The model's alpha is restored afterwards.
+    result holds n completions per prompt, consecutive); sampling below GREEDY_BELOW is greedy. The model's
+    alpha is restored afterwards.
     """
-    site = _site(model, "generate")
+    site = require_site(model, "generate")
     if isinstance(prompts, str):
-        if alphas is None or _is_one_alpha(alphas):
+        if alphas is None or isinstance(alphas, dict) or _is_one_alpha(alphas):
             prompts = [prompts]
         else:
             prompts = [prompts] * len(alphas)
@@ -48,10 +73,12 @@ def generate(
         raise TypeError("generate: prompts must be a string or a non-empty list of strings")
     if alphas is None:
         alpha = site.alpha
+    elif isinstance(alphas, dict):
+        alpha = alphas
     elif _is_one_alpha(alphas):
         alpha = float(alphas)
     else:
-        alpha = [float(a) for a in alphas]
+        alpha = [a if isinstance(a, dict) else float(a) for a in alphas]
         if len(alpha) != len(prompts):
             raise ValueError(
                 f"generate: alphas has {len(alpha)} values but there are {len(prompts)} prompts "
@@ -70,6 +97,7 @@ def generate(
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not rendered).to(device)
     finally:
         tokenizer.padding_side = side
+    generate_kwargs = _greedy_when_cold(model, generate_kwargs)
     generate_kwargs.setdefault("max_new_tokens", 32)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     with alignment_strength(model, alpha), torch.no_grad():

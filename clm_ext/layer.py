@@ -8,69 +8,31 @@ Two kinds, both "sites" that mix an aligned path into the residual stream with a
   `.weight` stays the same Parameter at the same path, so tied output embeddings and checkpoint keys keep
   working. It acts on the raw table lookup `E[id]`: before Gemma's sqrt(d) scaling (which is applied to the
   mixed result, as Gemma applies it to E[id]) and before GPT-2 adds position embeddings.
+  With named dials (`dials=[...]`) it holds one such layer per dial in `.dials` and mixes all of them,
+  `h = x + sum_k alpha_k (f_k(x) - x)`, with an alpha vector per sequence or token (clm_ext.dial_ops).
 - `AlignmentBlock` (layer="block", the paper's released variant): a copy of decoder block 0 with its
   attention output and MLP down projections zeroed (identity at init), run on the embeddings just before
   the first original block (a forward pre-hook on it), with its own KV-cache slot after the model's last.
 
-In mode "logits" the wrapped model's forward runs 2B rows (unaligned rows first, aligned rows second) and a
-site gives the first half alpha 0 and the second alpha 1; the user's alpha mixes the logits
+In mode "logits" the wrapped model's forward runs 2B rows (unaligned rows first, aligned rows second): a
+site leaves the first half as the base model computes it (a plain lookup; the block skipped) and runs its
+layer in full on the second half (alpha 1); the user's alpha then mixes the two streams' logits
 (`AlignmentSite.attach_two_stream`: hooks on the causal LM).
 """
 from __future__ import annotations
 
 import copy
 import inspect
-import math
-from numbers import Real
-from typing import Optional, Union
+import re
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import dial_ops, ops
+from .alpha import alpha_tensor, dial_alpha_tensor, expand_alpha, expand_dial_alpha
 
 MODES = ("embed", "logits")
-
-
-def as_alpha(alpha: Union[float, Tensor, list, tuple], name: str = "alpha") -> Tensor:
-    """Check a user's alpha and return it as a float32 tensor: 0-d, or 1-D with one value per sequence."""
-    if isinstance(alpha, (list, tuple)):
-        alpha = torch.tensor([float(a) for a in alpha], dtype=torch.float32)
-    if isinstance(alpha, bool) or not isinstance(alpha, (Real, Tensor)):
-        raise TypeError(f"{name} must be a float or a 1-D tensor of one alpha per sequence, got {type(alpha).__name__}")
-    if isinstance(alpha, Real):
-        # Checked after the float32 conversion: 1e300 is a finite Python float but inf in float32.
-        value = torch.tensor(float(alpha), dtype=torch.float32)
-        if not math.isfinite(alpha) or not bool(torch.isfinite(value)):
-            raise ValueError(f"{name} must be finite in float32 (|alpha| <= 3.4e38), got {alpha}")
-        return value
-    if alpha.dtype == torch.bool or alpha.is_complex():
-        raise TypeError(f"{name} must be a real tensor, got dtype {alpha.dtype}")
-    if alpha.dim() > 1:
-        raise ValueError(
-            f"{name} must be a number or a 1-D tensor of one alpha per sequence, got shape {tuple(alpha.shape)}"
-        )
-    if alpha.dim() == 1 and alpha.numel() == 0:
-        raise ValueError(f"{name} must hold at least one value, got an empty tensor")
-    values = alpha.detach()
-    alpha = values.to(torch.float32)
-    if not bool(torch.isfinite(alpha).all()):
-        raise ValueError(f"{name} must be finite in float32 (|alpha| <= 3.4e38), got {values.tolist()}")
-    return alpha
-
-
-def expand_alpha(alpha: Tensor, rows: int) -> Tensor:
-    """One alpha per row. A per-sequence alpha of length B meeting k*B rows is repeated k times per
-    sequence (repeat_interleave), the way `generate` expands a batch for num_return_sequences and beams."""
-    if alpha.dim() == 0 or alpha.shape[0] == rows:
-        return alpha
-    n = alpha.shape[0]
-    if rows % n:
-        raise ValueError(
-            f"alpha has {n} values (one per sequence) but the batch has {rows} rows; set a single alpha or "
-            f"one per row (clm_ext.set_alpha)"
-        )
-    return alpha.repeat_interleave(rows // n)
 
 
 class AlignmentSite(nn.Module):
@@ -90,8 +52,52 @@ class AlignmentSite(nn.Module):
     def alpha(self) -> Tensor:
         return self._alpha
 
+    @property
+    def dial_names(self) -> Optional[list]:
+        """The names of the site's dials, or None for the single, unnamed dial."""
+        return None
+
+    def dial(self, name: str) -> nn.Module:
+        raise ValueError(f"dial={name!r}: the model has a single unnamed alignment layer, no named dials")
+
     def set_alpha(self, alpha) -> None:
-        self._alpha = as_alpha(alpha).to(self._device())
+        names = self.dial_names
+        if names is None:
+            if isinstance(alpha, dict) or (isinstance(alpha, (list, tuple)) and any(isinstance(a, dict) for a in alpha)):
+                raise ValueError("alpha: the model has one unnamed dial (no named dials); give a number or one "
+                                 "number per sequence, not a dict")
+            self._alpha = alpha_tensor(alpha).to(self._device())
+        else:
+            self._alpha = dial_alpha_tensor(alpha, names).to(self._device())
+
+    def set_token_alpha(self, alpha: Optional[Tensor]) -> None:
+        """One alpha per token for the next forward only (None clears it): a continuous-batching engine packs
+        many requests into one row [1, T], so each token takes its own request's alpha (clm_ext.serve)."""
+        if alpha is None:
+            self._token_alpha = None
+            return
+        if self.mode != "embed":
+            raise RuntimeError("a per-token alpha needs mode 'embed' (mode 'logits' runs two streams per sequence)")
+        if self.dial_names is not None:
+            alpha = dial_alpha_tensor(alpha, self.dial_names, "token alpha")
+            if alpha.dim() != 2:
+                raise ValueError(f"token alpha must be [tokens, {len(self.dial_names)}], one dial vector per "
+                                 f"token, got shape {tuple(alpha.shape)}")
+        else:
+            alpha = alpha_tensor(alpha, "token alpha")
+            if alpha.dim() != 1:
+                raise ValueError(f"token alpha must be 1-D, one value per token, got shape {tuple(alpha.shape)}")
+        self._token_alpha = alpha.to(self._device())
+
+    def _take_token_alpha(self, tokens: int) -> Optional[Tensor]:
+        """The per-token alpha set for this forward (cleared: it holds for one forward), checked against the
+        number of tokens; None when none was set."""
+        alpha, self._token_alpha = getattr(self, "_token_alpha", None), None
+        if alpha is not None and alpha.shape[0] != tokens:
+            raise ValueError(
+                f"the token alpha set for this forward has {alpha.shape[0]} values but the input has {tokens} tokens"
+            )
+        return alpha
 
     def _device(self) -> torch.device:
         return next(self.trainable().parameters()).device
@@ -105,13 +111,10 @@ class AlignmentSite(nn.Module):
         return self._alpha
 
     def row_alpha(self, rows: int, device: torch.device) -> Tensor:
-        """The alpha of each row this site sees: the user's (embed mode) or 0 | 1 per stream (logits mode)."""
-        if self.mode == "embed":
-            return expand_alpha(self.user_alpha(device), rows)
-        self._check_two_stream(rows)
-        half = torch.ones(rows, dtype=torch.float32, device=device)
-        half[: rows // 2] = 0.0
-        return half
+        """The user's alpha for each of `rows` rows (mode "embed"; mode "logits" runs its two streams apart)."""
+        if self.dial_names is not None:
+            return expand_dial_alpha(self.user_alpha(device), rows)
+        return expand_alpha(self.user_alpha(device), rows)
 
     def _check_two_stream(self, rows: int) -> None:
         if self._stream_rows != rows:
@@ -216,7 +219,10 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
     _base_class = nn.Embedding
 
     @classmethod
-    def wrap(cls, embedding: nn.Module, mode: str = "embed", cache_aligned_table: bool = False) -> "AlignedEmbedding":
+    def wrap(cls, embedding: nn.Module, mode: str = "embed", cache_aligned_table: bool = False,
+             dials: Optional[list] = None) -> "AlignedEmbedding":
+        if dials is not None and mode != "embed":
+            raise ValueError(f"named dials need mode 'embed' (one pass, an alpha vector per row), got mode {mode!r}")
         if isinstance(embedding, AlignedEmbedding):
             raise RuntimeError("this embedding already has an alignment layer")
         if not _is_supported_embedding(embedding):
@@ -226,35 +232,85 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
             )
         if embedding.max_norm is not None:
             raise ValueError("cannot add an alignment layer to an embedding with max_norm (it rewrites the table)")
+        if dials is not None:
+            _check_dial_names(dials, ())
         embedding.__class__ = _aligned_class(type(embedding))
         embedding._init_site(mode)
-        d = embedding.embedding_dim
-        w = embedding.weight
-        # A 16-bit table gets a float32 layer (master weights, cast per forward): W starts at I, and in
-        # bfloat16 an update below ~0.004 to a diagonal entry near 1 would round away.
-        dtype = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
-        embedding.alignment = nn.Linear(d, d, bias=True, device=w.device, dtype=dtype)
-        embedding.reset_alignment()
         embedding.cache_aligned_table = cache_aligned_table
         embedding._table, embedding._table_key = None, None
         embedding._token_alpha = None
+        if dials is None:
+            embedding.alignment = embedding._new_layer()
+            embedding.reset_alignment()
+        else:
+            embedding.dials = nn.ModuleDict()
+            embedding.add_dials(dials)
         return embedding
+
+    def _new_layer(self) -> nn.Linear:
+        """An identity d x d layer. A 16-bit table gets a float32 layer (master weights, cast per forward): W
+        starts at I, and in bfloat16 an update below ~0.004 to a diagonal entry near 1 would round away."""
+        d, w = self.embedding_dim, self.weight
+        dtype = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+        layer = nn.Linear(d, d, bias=True, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(torch.eye(d))
+            layer.bias.zero_()
+        return layer
+
+    @property
+    def dial_names(self) -> Optional[list]:
+        return list(self.dials) if "dials" in self._modules else None
+
+    def add_dials(self, names) -> None:
+        """New identity dials (alpha 0 in the current alpha, so the model's output does not change)."""
+        if self.dial_names is None:
+            raise ValueError("add_dials: the model has a single unnamed alignment layer; named dials can only be "
+                             "added to a model made with add_alignment_control(model, dials=[...])")
+        names = list(names)
+        _check_dial_names(names, self.dial_names)
+        for name in names:
+            self.dials[name] = self._new_layer()
+        alpha = self._alpha
+        new = len(names)
+        if alpha.dim() == 0:  # a site just made: every dial at 0
+            self._alpha = torch.zeros(len(self.dials), device=self.weight.device)
+        else:
+            self._alpha = torch.cat([alpha, alpha.new_zeros(alpha.shape[:-1] + (new,))], dim=-1)
+        self._table, self._table_key = None, None
+
+    def dial(self, name: str) -> nn.Linear:
+        """The layer of dial `name` (a clear error naming the model's dials if there is none)."""
+        names = self.dial_names
+        if names is None:
+            raise ValueError(f"dial={name!r}: the model has a single unnamed alignment layer, no named dials")
+        if name not in names:
+            raise ValueError(f"dial={name!r}: the model has no such dial (its dials: {names})")
+        return self.dials[name]
 
     def unwrap(self) -> nn.Embedding:
         """Turn the module back into its original class (the layer is dropped)."""
-        del self.alignment
+        if self.dial_names is None:
+            del self.alignment
+        else:
+            del self.dials
         for name in ("mode", "_alpha", "_stream_rows", "_forward_params", "_labels", "_two_stream_hook_ids",
                      "cache_aligned_table", "_table", "_table_key", "_token_alpha"):
             self.__dict__.pop(name, None)
         self.__class__ = self._base_class
         return self
 
-    def trainable(self) -> nn.Linear:
-        return self.alignment
+    def trainable(self) -> nn.Module:
+        return self.alignment if self.dial_names is None else self.dials
 
     @torch.no_grad()
     def reset_alignment(self) -> None:
-        """Back to the identity (W = I, b = 0)."""
+        """Back to the identity (W = I, b = 0; every dial's)."""
+        if self.dial_names is not None:
+            for layer in self.dials.values():
+                layer.weight.copy_(torch.eye(self.embedding_dim))
+                layer.bias.zero_()
+            return
         self.alignment.weight.copy_(torch.eye(self.embedding_dim))
         self.alignment.bias.zero_()
 
@@ -262,21 +318,8 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
         scale = getattr(self, "embed_scale", None)
         return h if scale is None else h * scale.to(self.weight.dtype)
 
-    def set_token_alpha(self, alpha: Optional[Tensor]) -> None:
-        """One alpha per token for the next forward only (None clears it): a continuous-batching engine packs
-        many requests into one row [1, T], so each token takes its own request's alpha (clm_ext.serve)."""
-        if alpha is None:
-            self._token_alpha = None
-            return
-        if self.mode != "embed":
-            raise RuntimeError("a per-token alpha needs mode 'embed' (mode 'logits' runs two streams per sequence)")
-        alpha = as_alpha(alpha, "token alpha")
-        if alpha.dim() != 1:
-            raise ValueError(f"token alpha must be 1-D, one value per token, got shape {tuple(alpha.shape)}")
-        self._token_alpha = alpha.to(self.weight.device)
-
     def forward(self, input_ids: Tensor) -> Tensor:
-        token_alpha, self._token_alpha = getattr(self, "_token_alpha", None), None
+        token_alpha = self._take_token_alpha(input_ids.numel())
         if token_alpha is not None:
             return self._forward_per_token(input_ids, token_alpha)
         if input_ids.dim() > 1 and self.mode == "logits":
@@ -293,12 +336,20 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
         return torch.cat([self._lookup(input_ids[:half]), self._mix(input_ids[half:], 1.0)])
 
     def _mix(self, input_ids: Tensor, alpha) -> Tensor:
+        if self.dial_names is not None:
+            return self._mix_dials(input_ids, alpha)
         if self.cache_aligned_table and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return ops.embedding_lerp(input_ids, self.weight, self._aligned_table(), alpha)
         w, b = self._layer_in_table_dtype()
         if self._table_grad_has_options():
             return ops.alignment_mix(self._lookup(input_ids), w, b, alpha)
         return ops.embed_alignment_mix(input_ids, self.weight, w, b, alpha)
+
+    def _mix_dials(self, input_ids: Tensor, alpha: Tensor) -> Tensor:
+        """Every dial in one fused op; alpha is one vector [K] or one per sequence / token [rows, K]."""
+        if self.cache_aligned_table and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return dial_ops.dial_embedding_lerp(input_ids, self.weight, self._aligned_table(), alpha)
+        return dial_ops.dial_mix(self._lookup(input_ids), *self._layer_in_table_dtype(), alpha)
 
     def _lookup(self, input_ids: Tensor) -> Tensor:
         """E[id] as nn.Embedding computes it, its gradient honouring padding_idx, scale_grad_by_freq, sparse."""
@@ -332,17 +383,21 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
         return self
 
     def _forward_per_token(self, input_ids: Tensor, alpha: Tensor) -> Tensor:
-        if alpha.shape[0] != input_ids.numel():
-            raise ValueError(
-                f"the token alpha set for this forward has {alpha.shape[0]} values but the input has "
-                f"{input_ids.numel()} tokens (shape {tuple(input_ids.shape)})"
-            )
         h = self._mix(input_ids.reshape(-1, 1), alpha)  # one row per token: the per-row alpha is per token
         return self._scale(h.reshape(*input_ids.shape, -1))
 
     def _layer_in_table_dtype(self) -> tuple:
-        """(W, b) in the table's dtype: the fused op computes in one dtype; the cast is differentiable."""
-        return tuple(t.to(self.weight.dtype) for t in (self.alignment.weight, self.alignment.bias))
+        """(W, b) in the table's dtype: the fused op computes in one dtype; the cast is differentiable. With
+        dials: the stacked (W [K, d, d], b [K, d]), differentiable too (a dial that trains gets its grad)."""
+        if self.dial_names is None:
+            return tuple(t.to(self.weight.dtype) for t in (self.alignment.weight, self.alignment.bias))
+        layers = list(self.dials.values())
+        return tuple(torch.stack([getattr(layer, name) for layer in layers]).to(self.weight.dtype)
+                     for name in ("weight", "bias"))
+
+    def _layer_tensors(self) -> tuple:
+        layers = [self.alignment] if self.dial_names is None else list(self.dials.values())
+        return tuple(t for layer in layers for t in (layer.weight, layer.bias))
 
     def refresh_aligned_table(self) -> None:
         """Rebuild the cached aligned table on the next call. Needed only after a write through `.data`
@@ -350,22 +405,56 @@ class AlignedEmbedding(AlignmentSite, nn.Embedding):
         self._table, self._table_key = None, None
 
     def _aligned_table(self) -> Tensor:
-        """E_a = E W^T + b, rebuilt whenever the table or the layer changed (in place or replaced) in a way
-        PyTorch tracks: a new tensor, or an in-place write that bumps its version counter."""
-        tensors = (self.weight, self.alignment.weight, self.alignment.bias)
+        """E_a = E W^T + b (with dials: one such table per dial, [K, V, d]), rebuilt whenever the table or a
+        layer changed (in place or replaced) in a way PyTorch tracks: a new tensor, or an in-place write that
+        bumps its version counter."""
+        tensors = (self.weight,) + self._layer_tensors()
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._table_key != key:
-            self._table = ops.alignment_mix(self.weight.detach(), *self._layer_in_table_dtype(), 1.0)
+            w, b = self._layer_in_table_dtype()
+            if self.dial_names is None:
+                self._table = ops.alignment_mix(self.weight.detach(), w, b, 1.0)
+            else:
+                self._table = torch.stack([ops.alignment_mix(self.weight.detach(), w[k], b[k], 1.0)
+                                           for k in range(w.shape[0])])
             self._table_key = key
         return self._table
 
     @torch.no_grad()
-    def folded_table(self, alpha: float) -> Tensor:
-        """The embedding table with the layer folded in at `alpha` (what merge_alignment writes)."""
+    def folded_table(self, alpha) -> Tensor:
+        """The embedding table with the layer folded in at `alpha` (what merge_alignment writes); with dials,
+        `alpha` is one vector (a dict of dial alphas, or a [K] tensor)."""
+        if self.dial_names is not None:
+            vector = dial_alpha_tensor(alpha, self.dial_names, "merge_alignment: alpha").to(self.weight.device)
+            if vector.dim() != 1:
+                raise ValueError("merge_alignment: alpha must be one dict of dial alphas (a merged model has one "
+                                 "setting)")
+            return dial_ops.dial_mix(self.weight.detach(), *self._layer_in_table_dtype(), vector)
         return ops.alignment_mix(self.weight.detach(), *self._layer_in_table_dtype(), float(alpha))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alignment={self.layer_kind}, mode={self.mode}"
+
+
+_DIAL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _check_dial_names(names, existing) -> None:
+    """Dial names are identifiers (they are module names, file keys and JSON keys), unique in the model."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"dials must be a non-empty list of dial names, got {names!r}")
+    seen = set(existing)
+    for name in names:
+        if not isinstance(name, str) or not _DIAL_NAME.fullmatch(name) or name in _RESERVED_DIAL_NAMES:
+            raise ValueError(f"dials: {name!r} is not a usable dial name (a letter, then letters, digits, _ or -; "
+                             f"not one of {sorted(_RESERVED_DIAL_NAMES)})")
+        if name in seen:
+            raise ValueError(f"dials: the dial {name!r} " + ("exists already" if name in existing else "is given twice"))
+        seen.add(name)
+
+
+# Names nn.ModuleDict uses itself (a dial of that name could not be a module of it).
+_RESERVED_DIAL_NAMES = frozenset(n for n in dir(nn.ModuleDict) if not n.startswith("_"))
 
 
 def _aligned_class(base: type) -> type:
@@ -438,7 +527,10 @@ class AlignmentBlock(AlignmentSite):
                 f"layer='block' needs a decoder block with self_attn.o_proj and mlp.down_proj, "
                 f"got {type(first_block).__name__}"
             )
-        self.block = copy.deepcopy(first_block)
+        # The copy shares the model's config, as block 0 does: an attention implementation set on the model
+        # later (a continuous-batching engine switches to paged attention) then reaches the new block too.
+        configs = {id(m.config): m.config for m in first_block.modules() if hasattr(m, "config")}
+        self.block = copy.deepcopy(first_block, configs)
         self.block.self_attn.layer_idx = cache_index
         self.cache_index = cache_index
         self.reset_alignment()
@@ -492,10 +584,14 @@ class AlignmentBlock(AlignmentSite):
             half = x.shape[0] // 2
             h = torch.cat([x[:half], self._run_block(x[half:], _second_half(kwargs, x.shape[0]))])
             return (h, *args), kwargs
-        alpha = self.row_alpha(x.shape[0], x.device)
+        token_alpha = self._take_token_alpha(x.shape[:-1].numel())
         y = self._run_block(x, kwargs)
-        if alpha.dim():
-            alpha = alpha.view(-1, *([1] * (x.dim() - 1)))
+        if token_alpha is not None:  # one alpha per token of the packed row (clm_ext.serve)
+            alpha = token_alpha.view(*x.shape[:-1], 1)
+        else:
+            alpha = self.row_alpha(x.shape[0], x.device)
+            if alpha.dim():
+                alpha = alpha.view(-1, *([1] * (x.dim() - 1)))
         h = x + (alpha * (y - x).to(alpha.dtype)).to(x.dtype)
         return (h, *args), kwargs
 

@@ -3,17 +3,21 @@
     h = x + alpha * (x @ weight.T + bias - x)
 
 `alpha` is a number, a 0-d tensor, or one value per sequence (a 1-D tensor whose length is the first
-dimension of `x`, or of `input_ids`). The kernels live in csrc/ (C++ for CPU, CUDA for GPUs); the
-`reference_*` functions are the plain PyTorch composition the tests and benchmarks compare against.
+dimension of `x`, or of `input_ids`; flat ids [T] take one alpha per token). The kernels live in csrc/
+(C++ for CPU, CUDA for GPUs); the `reference_*` functions are the plain PyTorch composition the tests and
+benchmarks compare against. The wrappers here check with the library's alpha rule (clm_ext.alpha); the
+compiled ops, called directly through torch.ops.clm_ext, check alpha's dtype and shape themselves and, for a
+CPU alpha, its values (finite in the op's compute dtype). They do not read a CUDA alpha's values: that would
+synchronise the stream on every call.
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from .alpha import alpha_number, check_alpha_shape, check_alpha_values
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.clm_ext)
@@ -42,14 +46,6 @@ def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def _finite_in(value: float, dtype: torch.dtype) -> bool:
-    """Whether `value` stays finite in `dtype` (1e300 is finite as a Python float, inf in float32)."""
-    return math.isfinite(value) and (dtype == torch.float64 or abs(value) <= _FLOAT32_MAX)
-
-
 def _check_layer(name: str, weight: Tensor, bias: Optional[Tensor], like: Tensor, d: int) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"{name}: weight must be a Tensor, got {type(weight).__name__}")
@@ -75,40 +71,25 @@ def _check_layer(name: str, weight: Tensor, bias: Optional[Tensor], like: Tensor
 
 def _as_alpha(name: str, alpha: Alpha, like: Tensor, batch_shape: torch.Size) -> Tensor:
     """Turn `alpha` into a floating tensor on `like`'s device: 0-d, or [batch] for per-sequence."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (Real, Tensor)):
-        raise TypeError(f"{name}: alpha must be a float or a tensor, got {type(alpha).__name__}")
-    if isinstance(alpha, Real):
-        opmath = _opmath_dtype(like.dtype)
-        if not _finite_in(float(alpha), opmath):
-            raise ValueError(f"{name}: alpha must be finite in {opmath}, got {alpha}")
+    opmath = _opmath_dtype(like.dtype)
+    if not isinstance(alpha, Tensor):
+        value = alpha_number(alpha, f"{name}: alpha", opmath, expected="a float or a tensor")
         # torch.full fills on the device: no blocking host-to-device copy per call (CUDA-graph friendly).
-        return torch.full((), float(alpha), dtype=opmath, device=like.device)
+        return torch.full((), value, dtype=opmath, device=like.device)
     if not alpha.is_floating_point():
         raise TypeError(f"{name}: alpha must be a floating-point tensor, got {alpha.dtype}")
     if alpha.device != like.device:
         raise ValueError(f"{name}: alpha is on {alpha.device}, the input on {like.device}")
-    if alpha.dim() == 1:
-        if len(batch_shape) < 2:
-            raise ValueError(
-                f"{name}: a per-sequence alpha needs a batch dimension; the input has shape "
-                f"{tuple(batch_shape)} (use a number or a 0-d tensor)"
-            )
-        if alpha.shape[0] != batch_shape[0]:
-            raise ValueError(
-                f"{name}: alpha has {alpha.shape[0]} values but the batch has {batch_shape[0]} "
-                f"sequences (expected a 0-d tensor or shape [{batch_shape[0]}])"
-            )
-    elif alpha.dim() != 0:
+    if alpha.dim() == 1 and len(batch_shape) < 2:
         raise ValueError(
-            f"{name}: alpha must be 0-d or 1-D (one value per sequence), got shape {tuple(alpha.shape)}"
+            f"{name}: a per-sequence alpha needs a batch dimension; the input has shape "
+            f"{tuple(batch_shape)} (use a number or a 0-d tensor)"
         )
+    check_alpha_shape(alpha, f"{name}: alpha", batch_shape[0] if len(batch_shape) > 1 else None)
     # A value check needs the data: skip it while tracing and on accelerators (it would sync the
     # stream every step); clm_ext.set_alpha checks values once, where they are set.
     if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
-        values = alpha.reshape(-1).tolist()  # a few values: cheaper than a tensor reduction per call
-        opmath = _opmath_dtype(like.dtype)
-        if not all(_finite_in(v, opmath) for v in values):
-            raise ValueError(f"{name}: alpha must be finite in {opmath}, got {values}")
+        check_alpha_values(alpha, f"{name}: alpha", opmath)
     return alpha
 
 

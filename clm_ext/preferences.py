@@ -106,8 +106,8 @@ def _read_jsonl(path: str):
     rows, lines = [], []
     with open(path, "rb") as f:  # decoded line by line, so that invalid UTF-8 is reported by its line
         for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
+            try:  # a byte-order mark (some Windows editors write one) may open the file
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise PreferenceDataError(f"{path}: line {number} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():

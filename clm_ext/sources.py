@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+from .output_dirs import make_dir, nonempty_path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -82,8 +84,14 @@ def resolve_model(name_or_path: str, *, progress: Optional[Callable[[str], None]
     """
     if name_or_path in PACKAGED:
         return str(_packaged(name_or_path, progress))
-    path = Path(os.path.expanduser(os.fspath(name_or_path)))
+    try:
+        path = Path(os.path.expanduser(nonempty_path(name_or_path, "--model")))
+    except ValueError as e:
+        raise ModelSourceError(str(e)) from None
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"--model: no config.json in {path}; give a checkpoint directory "
+                                   f"(save_pretrained), a .gguf file or a packaged model ({', '.join(PACKAGED)})")
         return str(path)
     if path.is_file() and path.suffix == ".gguf":
         return str(_converted(path, progress))
@@ -131,9 +139,11 @@ def _is_checkpoint(folder: Path) -> bool:
 
 
 def _convert(gguf_file: Path, target: Path, progress) -> Path:
-    """Dequantise with transformers, save as a plain checkpoint in a temporary folder, move it into place."""
+    """Dequantise with transformers, save as a plain checkpoint in a temporary folder, move it into place
+    (readable as the umask allows, like any folder the user makes: another account may serve from the cache)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
 
     if importlib.util.find_spec("gguf") is None:
         raise ModelSourceError("reading a GGUF file needs the `gguf` package: `pip install gguf`")
@@ -148,7 +158,7 @@ def _convert(gguf_file: Path, target: Path, progress) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=target.parent)
+    tmp = make_dir(str(target.parent / f".convert-{secrets.token_hex(6)}"))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -24,6 +24,8 @@ from typing import Dict, Iterator, Tuple
 import torch
 from torch import Tensor
 
+from .output_dirs import nonempty_path
+
 CONFIG_NAME = "alignment_config.json"
 LEGACY_WEIGHTS_NAME = "alignment.safetensors"
 LOCK_NAME = ".alignment.lock"
@@ -65,7 +67,7 @@ def write_layer(directory: str, tensors: Dict[str, Tensor], info: dict) -> str:
     """Save `tensors` and the config `info` as a format-2 layer in `directory` (created if missing)."""
     from safetensors.torch import save
 
-    directory = os.path.abspath(os.fspath(directory))
+    directory = os.path.abspath(nonempty_path(directory, "save_alignment"))
     check_target(directory)
     os.makedirs(directory, exist_ok=True)
     with _save_lock(directory):
@@ -87,7 +89,7 @@ def write_layer(directory: str, tensors: Dict[str, Tensor], info: dict) -> str:
 
 def read_layer(directory: str) -> Tuple[dict, Dict[str, Tensor]]:
     """The checked config and tensors of the layer saved in `directory` (format 1 or 2)."""
-    directory = os.fspath(directory)
+    directory = nonempty_path(directory, "load_alignment")
     for _ in range(_READ_ATTEMPTS):
         text = _read_config_text(directory)
         info = parse_config(text, os.path.join(directory, CONFIG_NAME))
@@ -102,13 +104,13 @@ def read_layer(directory: str) -> Tuple[dict, Dict[str, Tensor]]:
                 f"load_alignment: {directory} is not a complete alignment layer: {CONFIG_NAME} names "
                 f"{os.path.basename(path)}, which is missing"
             ) from None
-        return info, _checked_tensors(data, path)
+        return info, _checked_tensors(data, path, info.get("dtype"))
     raise RuntimeError(f"load_alignment: {directory} kept changing while being read ({_READ_ATTEMPTS} saves)")
 
 
 def read_config(directory: str) -> dict:
     """The checked config of the layer saved in `directory`."""
-    directory = os.fspath(directory)
+    directory = nonempty_path(directory, "load_alignment")
     return parse_config(_read_config_text(directory), os.path.join(directory, CONFIG_NAME))
 
 
@@ -151,7 +153,9 @@ def _read_config_text(directory: str) -> str:
         raise ValueError(f"load_alignment: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _checked_tensors(data: bytes, path: str) -> Dict[str, Tensor]:
+def _checked_tensors(data: bytes, path: str, dtype_name=None) -> Dict[str, Tensor]:
+    """The file's tensors: floating, finite as stored and finite in the dtype the config says the layer was
+    saved from (the dtype a model of the same kind uses it in)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -165,7 +169,22 @@ def _checked_tensors(data: bytes, path: str) -> Dict[str, Tensor]:
         if not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             raise ValueError(f"load_alignment: {path}: tensor {key!r} holds {bad} NaN or infinite value(s)")
+    saved_as = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+    if isinstance(saved_as, torch.dtype) and saved_as.is_floating_point:
+        check_finite_in(tensors, [saved_as], f"load_alignment: {path} (saved as {dtype_name})")
     return tensors
+
+
+def check_finite_in(tensors: Dict[str, Tensor], dtypes, where: str) -> None:
+    """Refuse weights that are not finite in each of `dtypes`, the dtypes they will be used in: a float64 1e300
+    is finite as saved, and inf once cast to float32 (then even alpha 0 gives non-finite logits)."""
+    for key, value in tensors.items():
+        for dtype in sorted(set(dtypes), key=str):
+            bad = int((~torch.isfinite(value.to(dtype))).sum())
+            if bad:
+                largest = float(value.abs().max())
+                raise ValueError(f"{where}: tensor {key!r} holds {bad} value(s) that are not finite in {dtype} "
+                                 f"(largest magnitude {largest:g}), the dtype it is used in")
 
 
 def _write_new(path: str, data: bytes) -> None:

@@ -14,11 +14,18 @@ import os
 
 import torch
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import create_model_from_path
 
-import clm_ext
-from clm_ext import checkpoints
-from clm_ext.model import alignment_parameters, alignment_site
+from . import checkpoints
+from .model import (
+    add_alignment_control,
+    alignment_parameters,
+    alignment_site,
+    alignment_strength,
+    load_alignment,
+    save_alignment,
+    set_alpha,
+)
+from .versions import TRAINER_TRL, require
 
 METHODS = ("clm", "full", "lora")
 
@@ -31,6 +38,11 @@ class CLMDPOTrainer(DPOTrainer):
     the way `peft_config` makes TRL wrap a plain model), which freezes every base weight. The model's alpha is
     set to 1 for training. `peft_config` is refused (use `make_dpo_trainer("lora", ...)` for LoRA) and so is
     `sync_ref_model` (the reference is fixed: it is the base model).
+
+    Named dials: `dial="name"` trains that dial only (added if the model lacks it). The policy is the model
+    with that dial at 1 and the others at `fixed_alphas` (a dict; a dial it leaves out is at 0), the reference
+    the same model with that dial at 0; every other dial is frozen and keeps its weights bit for bit. Saves
+    (save_model, checkpoints) write that dial alone (save_alignment(..., dial=name)).
     """
 
     def __init__(
@@ -46,7 +58,10 @@ class CLMDPOTrainer(DPOTrainer):
         optimizers=(None, None),
         quantization_config=None,
         peft_config=None,
+        dial: str | None = None,
+        fixed_alphas: dict | None = None,
     ):
+        require("trl", TRAINER_TRL, "CLMDPOTrainer")
         if peft_config is not None:
             raise ValueError(
                 "peft_config: CLMDPOTrainer trains the alignment layer, not an adapter; "
@@ -61,15 +76,24 @@ class CLMDPOTrainer(DPOTrainer):
         if _is_peft_model(model):
             raise ValueError("model: a PEFT model was given; CLMDPOTrainer needs a plain transformers model")
         site = alignment_site(model)
-        if site is None:
-            clm_ext.add_alignment_control(model)
+        if fixed_alphas is not None and dial is None:
+            raise ValueError("fixed_alphas: the other dials' alphas only apply when training one dial (dial=...)")
+        if dial is not None and (site is None or dial not in (site.dial_names or [])):
+            add_alignment_control(model, dials=[dial])
+        elif site is None:
+            add_alignment_control(model)
         elif site.mode != "embed":
             raise ValueError(
                 f"model: the alignment layer is in mode {site.mode!r}; train it in mode 'embed' (at alpha 0 and 1 "
                 "both modes are the same network, so the trained layer serves both: "
                 "load_alignment(model, dir, mode='logits'))"
             )
-        clm_ext.set_alpha(model, 1.0)
+        self._clm_dial = dial
+        if dial is None:
+            policy_alpha, self._clm_reference_alpha = 1.0, 0.0
+        else:
+            policy_alpha, self._clm_reference_alpha = _dial_alphas(model, dial, fixed_alphas)
+        set_alpha(model, policy_alpha)
         _check_only_the_layer_trains(model)
         self._clm_base = checkpoints.describe_base(model)
         super().__init__(
@@ -105,7 +129,7 @@ class CLMDPOTrainer(DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """TRL's reference scoring (used by precompute_ref_log_probs), run at alpha = 0 whatever `model` is."""
-        with _reference_mode(self._unwrapped_model()):
+        with _reference_mode(self._unwrapped_model(), self._clm_reference_alpha):
             return super().compute_ref_log_probs(model, inputs)
 
     def _unwrapped_model(self):
@@ -129,7 +153,7 @@ class CLMDPOTrainer(DPOTrainer):
         output_dir = output_dir or self.args.output_dir
         model = self._unwrapped_model()
         target = os.path.join(output_dir, checkpoints.LAYER_DIR) if _internal_call else output_dir
-        clm_ext.save_alignment(model, target, is_main_process=self.args.should_save)
+        save_alignment(model, target, dial=self._clm_dial, is_main_process=self.args.should_save)
         if _internal_call and self.args.should_save:
             checkpoints.write_info(output_dir, self._clm_base, model)
 
@@ -155,7 +179,7 @@ class CLMDPOTrainer(DPOTrainer):
         """Load the layer of a layer-only checkpoint, after checking it was made on this base and layer kind."""
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         checkpoints.check_info(resume_from_checkpoint, self._clm_base, model)
-        clm_ext.load_alignment(model, os.path.join(resume_from_checkpoint, checkpoints.LAYER_DIR))
+        load_alignment(model, os.path.join(resume_from_checkpoint, checkpoints.LAYER_DIR), dial=self._clm_dial)
 
 
 class _AlphaZeroReference:
@@ -165,17 +189,29 @@ class _AlphaZeroReference:
         self.trainer = trainer
 
     def __call__(self, *args, **kwargs):
-        with _reference_mode(self.trainer._unwrapped_model()):
+        with _reference_mode(self.trainer._unwrapped_model(), self.trainer._clm_reference_alpha):
             return self.trainer.model(*args, **kwargs)
 
 
+def _dial_alphas(model, dial: str, fixed_alphas: dict | None) -> tuple:
+    """(policy, reference) alphas for training `dial` alone; only that dial's parameters train."""
+    site = alignment_site(model)
+    fixed = dict(fixed_alphas or {})
+    if dial in fixed:
+        raise ValueError(f"fixed_alphas: {dial!r} is the dial being trained (at 1 in the policy, 0 in the reference)")
+    for name in site.dial_names:
+        site.dial(name).requires_grad_(name == dial)
+    return {**fixed, dial: 1.0}, {**fixed, dial: 0.0}
+
+
 @contextlib.contextmanager
-def _reference_mode(model):
-    """alpha = 0 and eval mode (no dropout), as TRL runs an explicit reference model; both restored after."""
+def _reference_mode(model, alpha=0.0):
+    """The reference alpha (0; with dials the trained dial at 0) and eval mode (no dropout), as TRL runs an
+    explicit reference model; both restored after."""
     was_training = model.training
     model.eval()
     try:
-        with clm_ext.alignment_strength(model, 0.0):
+        with alignment_strength(model, alpha):
             yield
     finally:
         model.train(was_training)
@@ -183,7 +219,7 @@ def _reference_mode(model):
 
 def _check_only_the_layer_trains(model) -> None:
     """The reference is the base at alpha = 0, so a trainable base weight would move the reference too."""
-    layer = {id(p) for p in alignment_parameters(model)}
+    layer = {id(p) for p in alignment_parameters(model)}  # with dials, the frozen dials are frozen base
     if not any(p.requires_grad for p in alignment_parameters(model)):
         raise ValueError("model: the alignment layer's parameters do not require grad; nothing would train")
     base = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in layer]
@@ -202,6 +238,8 @@ def _is_peft_model(model) -> bool:
 
 def _load_model(path: str, args: DPOConfig | None, quantization_config):
     """Load `path` the way TRL's DPOTrainer does (args.model_init_kwargs, float32 unless told otherwise)."""
+    from trl.trainer.utils import create_model_from_path  # here: not every trl release clm-ext installs with has it
+
     kwargs = dict((args.model_init_kwargs if args is not None else None) or {})
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config

@@ -5,6 +5,11 @@
 
 #include <ATen/ATen.h>
 
+#include <charconv>
+#include <cmath>
+#include <limits>
+#include <string>
+
 namespace clm_ext {
 namespace {
 
@@ -21,7 +26,7 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
 
 // x (or the table) is floating; weight is [d, d]; bias, if any, is [d]; all on one device and dtype.
 void check_layer(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& weight,
-                 const std::optional<at::Tensor>& bias, const at::Tensor& alpha) {
+                 const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", x_name, " must be floating point, got ",
               x.scalar_type());
   TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have a hidden dimension, got a 0-d tensor");
@@ -34,9 +39,45 @@ void check_layer(const char* op, const char* x_name, const at::Tensor& x, const 
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape [", d, "], got ",
                 bias->sizes());
   }
+}
+
+// A double as the shortest text that reads back as it (-2.0000001 stays -2.0000001, not -2).
+std::string shortest(double v) {
+  char buf[32];
+  const auto end = std::to_chars(buf, buf + sizeof buf, v).ptr;
+  return std::string(buf, end);
+}
+
+// alpha is 0-d, a single value, or 1-D with one value per sequence: `batch` is the first dimension of x or
+// input_ids (one row per token where the caller packs tokens as rows). Any other length would be spread
+// over blocks of rows, so it is refused. On CPU every value must be finite in the opmath type (float32
+// unless the input is float64, where a float64 1e300 turns inf); on CUDA the values are not read here (that
+// would synchronise the stream on every call and break graph capture): the Python wrappers and set_alpha
+// check them where they are set.
+void check_alpha(const char* op, const at::Tensor& alpha, const char* batch_of, int64_t batch,
+                 at::ScalarType input) {
   TORCH_CHECK(at::isFloatingType(alpha.scalar_type()), op, ": alpha must be floating point, got ",
               alpha.scalar_type());
+  TORCH_CHECK(alpha.dim() <= 1, op, ": alpha must be 0-d or 1-D (one value per sequence), got shape ",
+              alpha.sizes());
+  TORCH_CHECK(alpha.dim() == 0 || alpha.numel() == 1 || alpha.numel() == batch, op, ": alpha has ",
+              alpha.numel(), " values but ", batch_of, " has ", batch,
+              " sequences (its first dimension); expected a 0-d tensor or shape [", batch, "]");
+  if (!alpha.is_cpu()) return;
+  const at::ScalarType opmath = opmath_of(input);
+  const double limit = opmath == at::kDouble ? std::numeric_limits<double>::max()
+                                             : static_cast<double>(std::numeric_limits<float>::max());
+  const at::Tensor values = alpha.reshape({-1}).to(at::kDouble).contiguous();
+  const double* v = values.const_data_ptr<double>();
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    TORCH_CHECK(std::isfinite(v[i]) && std::abs(v[i]) <= limit, op, ": alpha must be finite in ", opmath,
+                ", got ", shortest(v[i]), alpha.dim() ? " at index " + std::to_string(i) : std::string());
+  }
 }
+
+// The sequences alpha may hold one value each for: x's first dimension (x [d] is one row), input_ids' first.
+int64_t x_batch(const at::Tensor& x) { return x.dim() >= 2 ? x.size(0) : 1; }
+int64_t ids_batch(const at::Tensor& ids) { return ids.dim() >= 1 ? ids.size(0) : 1; }
 
 void check_grad(const char* op, const at::Tensor& grad, at::IntArrayRef expected, const at::Tensor& like) {
   check_like(op, "grad", grad, like);
@@ -67,11 +108,10 @@ at::Tensor alpha_values(const at::Tensor& alpha, const at::Tensor& like) {
   return alpha.reshape({-1}).to(like.device(), opmath_of(like.scalar_type())).contiguous();
 }
 
+// Rows per alpha value (check_alpha made the count one or the number of sequences, which divides the rows).
 int64_t rows_per_alpha(int64_t rows, const at::Tensor& alpha) {
-  const int64_t sequences = alpha.numel();
-  TORCH_CHECK(sequences > 0 && rows % sequences == 0, "clm_ext: alpha has ", sequences,
-              " values, which does not divide the ", rows, " rows of the input");
-  return rows / sequences;
+  TORCH_INTERNAL_ASSERT(alpha.numel() > 0 && rows % alpha.numel() == 0);
+  return rows / alpha.numel();
 }
 
 at::Tensor bias_or_undefined(const std::optional<at::Tensor>& bias) {
@@ -197,7 +237,8 @@ struct NoAutocast {
 at::Tensor alignment_mix(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& alpha, const Kernels& k) {
   const NoAutocast no_autocast;
-  check_layer("alignment_mix", "x", x, weight, bias, alpha);
+  check_layer("alignment_mix", "x", x, weight, bias);
+  check_alpha("alignment_mix", alpha, "x", x_batch(x), x.scalar_type());
   return at::_unsafe_view(mix_rows(flat_rows(x, weight.size(0)), weight, bias, alpha, k), x.sizes());
 }
 
@@ -205,7 +246,8 @@ Grads alignment_mix_backward(const at::Tensor& grad, const at::Tensor& x, const 
                              const std::optional<at::Tensor>& bias, const at::Tensor& alpha,
                              std::array<bool, 4> output_mask, const Kernels& k) {
   const NoAutocast no_autocast;
-  check_layer("alignment_mix_backward", "x", x, weight, bias, alpha);
+  check_layer("alignment_mix_backward", "x", x, weight, bias);
+  check_alpha("alignment_mix_backward", alpha, "x", x_batch(x), x.scalar_type());
   check_grad("alignment_mix_backward", grad, x.sizes(), x);
   const int64_t d = weight.size(0);
   auto [dx, dw, db, da] = mix_rows_backward(flat_rows(grad, d), flat_rows(x, d), weight, bias, alpha, output_mask, k);
@@ -218,7 +260,8 @@ at::Tensor embed_alignment_mix(const at::Tensor& input_ids, const at::Tensor& em
                                const at::Tensor& alpha, const Kernels& k) {
   const NoAutocast no_autocast;
   const at::Tensor ids = flat_ids("embed_alignment_mix", input_ids, embed_weight);
-  check_layer("embed_alignment_mix", "embed_weight", embed_weight, weight, bias, alpha);
+  check_layer("embed_alignment_mix", "embed_weight", embed_weight, weight, bias);
+  check_alpha("embed_alignment_mix", alpha, "input_ids", ids_batch(input_ids), embed_weight.scalar_type());
   const at::Tensor x2 = at::index_select(embed_weight, 0, ids);
   return with_hidden(mix_rows(x2, weight, bias, alpha, k), input_ids);
 }
@@ -230,7 +273,8 @@ Grads embed_alignment_mix_backward(const at::Tensor& grad, const at::Tensor& inp
   const NoAutocast no_autocast;
   constexpr const char* op = "embed_alignment_mix_backward";
   const at::Tensor ids = flat_ids(op, input_ids, embed_weight);
-  check_layer(op, "embed_weight", embed_weight, weight, bias, alpha);
+  check_layer(op, "embed_weight", embed_weight, weight, bias);
+  check_alpha(op, alpha, "input_ids", ids_batch(input_ids), embed_weight.scalar_type());
   check_grad(op, grad, ids_by_hidden(input_ids, embed_weight.size(1)), embed_weight);
   const at::Tensor x2 = at::index_select(embed_weight, 0, ids);
   auto [dx, dw, db, da] =
@@ -257,7 +301,7 @@ at::Tensor embedding_lerp(const at::Tensor& input_ids, const at::Tensor& embed_w
   check_like(op, "aligned_weight", aligned_weight, embed_weight);
   TORCH_CHECK(aligned_weight.sizes() == embed_weight.sizes(), op, ": aligned_weight must have the shape of embed_weight ",
               embed_weight.sizes(), ", got ", aligned_weight.sizes());
-  TORCH_CHECK(at::isFloatingType(alpha.scalar_type()), op, ": alpha must be floating point, got ", alpha.scalar_type());
+  check_alpha(op, alpha, "input_ids", ids_batch(input_ids), embed_weight.scalar_type());
   at::Tensor out = at::empty({ids.numel(), embed_weight.size(1)}, embed_weight.options());
   if (ids.numel() > 0) {
     k.gather_lerp(out, ids, embed_weight.contiguous(), aligned_weight.contiguous(),

@@ -239,7 +239,7 @@ def test_runs_in_its_input_dtype_under_autocast(device):
         ({"weight": torch.eye(4)}, r"weight must have shape \[8, 8\]"),
         ({"weight": torch.eye(8, dtype=torch.float16)}, "weight has dtype Half"),
         ({"alpha": torch.tensor([1, 2])}, "alpha must be floating point"),
-        ({"alpha": torch.ones(4)}, "alpha has 4 values, which does not divide the 6 rows"),
+        ({"alpha": torch.ones(3)}, r"alpha has 3 values but x has 2 sequences .*shape \[2\]"),
         ({"x": torch.ones(2, 3, 8, dtype=torch.int32)}, "x must be floating point"),
     ],
 )
@@ -249,6 +249,36 @@ def test_direct_op_call_checks_its_inputs(change, match):
     args.update(change)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.clm_ext.alignment_mix(args["x"], args["weight"], args["bias"], args["alpha"])
+
+
+# Bad alphas straight into torch.ops: refused in C++, never spread over blocks of rows.
+BAD_RAW_ALPHAS = [
+    (torch.ones(2), r"alpha has 2 values but {batch} has 4 sequences"),  # used to mix rows 0-5 at a[0]
+    (torch.ones(12), r"alpha has 12 values but {batch} has 4 sequences"),  # used to be taken as one per row
+    (torch.ones(3), r"alpha has 3 values but {batch} has 4 sequences"),  # used to mix rows in blocks of 4
+    (torch.ones(2, 2), r"alpha must be 0-d or 1-D \(one value per sequence\), got shape \[2, 2\]"),
+    (torch.tensor([0.5, 1.0, math.nan, 2.0]), r"alpha must be finite in Float, got nan at index 2"),
+    (torch.tensor(math.inf), r"alpha must be finite in Float, got inf$"),
+    (torch.tensor([0.5, 1e300, 1.0, 2.0], dtype=torch.float64), r"alpha must be finite in Float, got 1e\+300 at index 1"),
+    (torch.tensor([3.5000001e38], dtype=torch.float64), r"alpha must be finite in Float, got 3.5000001e\+38 at index 0"),
+]
+
+
+@pytest.mark.parametrize("alpha,match", BAD_RAW_ALPHAS)
+def test_direct_op_call_refuses_a_bad_alpha(alpha, match):
+    x, weight, bias = make((4, 3), 8, torch.float32)
+    with pytest.raises(RuntimeError, match="alignment_mix: " + match.format(batch="x")):
+        torch.ops.clm_ext.alignment_mix(x, weight, bias, alpha)
+    with pytest.raises(RuntimeError, match="alignment_mix_backward: " + match.format(batch="x")):
+        torch.ops.clm_ext.alignment_mix_backward(torch.ones_like(x), x, weight, bias, alpha, [True] * 4)
+
+
+def test_direct_op_call_takes_one_alpha_or_one_per_sequence():
+    x, weight, bias = make((4, 3), 8, torch.float64)
+    per_seq = torch.tensor([-1.0, 0.5, 2.0, 1e300], dtype=torch.float64)  # float64 computes in float64
+    for alpha in (torch.tensor(0.7, dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64), per_seq):
+        want = ops.reference_alignment_mix(x, weight, bias, alpha if alpha.numel() > 1 else alpha.reshape(()))
+        torch.testing.assert_close(torch.ops.clm_ext.alignment_mix(x, weight, bias, alpha), want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -318,9 +348,9 @@ def test_output_is_not_a_view_and_supports_in_place_use():
 
 def test_alpha_must_be_finite_in_the_ops_float32():
     x, weight, bias = make((2, 3), 8, torch.float32)
-    with pytest.raises(ValueError, match="alpha must be finite in torch.float32"):
+    with pytest.raises(ValueError, match="alpha must be finite in float32"):
         ops.alignment_mix(x, weight, bias, 1e300)
-    with pytest.raises(ValueError, match="alpha must be finite in torch.float32"):
+    with pytest.raises(ValueError, match="alpha must be finite in float32"):
         ops.alignment_mix(x, weight, bias, torch.tensor([1e300, 0.5], dtype=torch.float64))
     x64, w64, b64 = make((2, 3), 8, torch.float64)  # float64 computes in float64: 1e300 is a number there
     torch.testing.assert_close(ops.alignment_mix(x64, w64, b64, 1e300), ops.reference_alignment_mix(x64, w64, b64, 1e300))

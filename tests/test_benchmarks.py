@@ -9,6 +9,8 @@ import pytest
 
 from clm_ext.cli import bench
 
+pytestmark = pytest.mark.slow
+
 _spec = importlib.util.spec_from_file_location("clm_benchmarks_common", bench.benchmarks_dir() / "common.py")
 common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
@@ -38,7 +40,7 @@ def test_script_writes_rows(results, script, metrics):
     rows = json.loads((results / f"{script}_cpu.json").read_text())
     assert metrics <= {r["metric"] for r in rows}
     providers = {r["provider"] for r in rows}
-    if script == "bench_generate":  # issue 7's variants: linear/embed, linear/logits, block/logits, block/embed
+    if script == "bench_generate":  # the layer variants: linear/embed, linear/logits, block/logits, block/embed
         assert {"base", "clm_mixed", "clm_logits", "clm_block_logits", "clm_block_embed"} <= providers
     if script == "bench_dpo":
         assert {"clm", "clm-block", "full", "lora"} <= providers
@@ -72,15 +74,18 @@ def test_quantiles():
 
 
 def test_missing_checkout_fails_clearly(monkeypatch, tmp_path, capsys):
+    from clm_ext.cli import main
+
     monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path / "nowhere")
-    assert bench.run(bench.argparse.Namespace(script="op", args=[])) == 2
-    assert "source checkout" in capsys.readouterr().err
+    assert main(["bench", "op"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clm bench: error: ") and "source checkout" in err and err.count("\n") == 1
 
 
 def test_real_model_dpo_cost_writes_rows(tmp_path):
     """bench_dpo_real on a tiny local checkpoint (the real run uses SmolLM2-135M-Instruct): every provider runs,
     CLM's checkpoint is the layer-only one and the smallest, full fine-tuning trains the most parameters."""
-    from conftest import tiny_causal_lm, tiny_tokenizer
+    from helpers import tiny_causal_lm, tiny_tokenizer
 
     tiny_causal_lm("llama").save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")

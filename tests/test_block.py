@@ -1,7 +1,7 @@
 """layer="block": the paper's new first decoder block (a zero-output copy of block 0), in both merge modes."""
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 
 import clm_ext
 from clm_ext.model import alignment_layer, alignment_parameters
@@ -77,6 +77,11 @@ def test_only_the_block_trains_and_checkpointing_agrees():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def _cache(out):
+    """The output's KV cache: `cache` from transformers 5.24, `past_key_values` before."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_block_keeps_its_own_cache_and_mixed_alphas(mode):
     tok = tiny_tokenizer()
@@ -84,7 +89,7 @@ def test_block_keeps_its_own_cache_and_mixed_alphas(mode):
     _perturb(model)
     with torch.no_grad():
         out = model(_ids(), use_cache=True)
-    assert len(out.cache.layers) == model.config.num_hidden_layers + 1  # the block's own slot
+    assert len(_cache(out).layers) == model.config.num_hidden_layers + 1  # the block's own slot
     clm_ext.set_alpha(model, torch.tensor([1.0, 2.0, -1.0]))
     assert torch.equal(_greedy(model, tok), _greedy(model, tok, use_cache=False))
     alphas = [0.0, 1.0, 2.0]
@@ -137,7 +142,7 @@ def test_logits_mode_unaligned_stream_skips_the_block():
     ids = _ids()
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    layers = out.cache.layers
+    layers = _cache(out).layers
     assert layers[0].keys.shape[0] == 2 * ids.shape[0] and layers[-1].keys.shape[0] == ids.shape[0]
     clm_ext.set_alpha(model, torch.tensor([0.5, 1.5, 2.0]))
     beams = dict(num_beams=2, num_return_sequences=2)

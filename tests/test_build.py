@@ -1,4 +1,4 @@
-"""The README's build commands in fresh virtual environments that have `wheel` installed (where pip 23 without a
+"""docs/building.md's build commands in fresh virtual environments that have `wheel` installed (where pip 23 without a
 pyproject.toml took setuptools' legacy `develop` path, which re-ran pip *with* build isolation and failed for
 want of torch): editable, non-editable, and a wheel that installs and runs in another environment.
 

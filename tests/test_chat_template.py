@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import clm_ext
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
             "{% if add_generation_prompt %}<s> assistant {% endif %}")
@@ -54,10 +54,9 @@ def test_cli_generate_names_a_bad_model_in_one_line(capsys):
     from clm_ext.cli import main
 
     for bad in ("no/such/model", "no-such-model"):  # a missing path; a name that is no packaged model
-        with pytest.raises(SystemExit) as err:
-            main(["generate", "--model", bad, "--prompt", "hi"])
-        message = str(err.value)
-        assert message.startswith("clm") and f"--model" in message and bad in message and "\n" not in message
+        assert main(["generate", "--model", bad, "--prompt", "hi"]) == 2
+        message = capsys.readouterr().err
+        assert message.startswith("clm generate: error: --model") and bad in message and message.count("\n") == 1
 
 
 def test_train_turns_plain_rows_into_one_conversation_turn():

@@ -6,11 +6,12 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 from transformers import TrainerCallback
 
 import clm_ext
-from clm_ext.checkpoints import CheckpointMismatchError, last_complete_checkpoint
+from clm_ext.checkpoints import (CheckpointMismatchError, IncompleteCheckpointError, incomplete_reason,
+                                 last_complete_checkpoint)
 from clm_ext.model import alignment_parameters
 from clm_ext.preferences import validate_preferences
 from clm_ext.train import CLMDPOTrainer, make_dpo_trainer
@@ -160,3 +161,48 @@ def test_load_best_model_at_end_takes_the_best_checkpoints_layer(tmp_path):
     best = int(run.state.best_model_checkpoint.rsplit("-", 1)[1])
     assert best != 4  # the last step's layer would be kept without loading the best
     assert all(torch.equal(a, b) for a, b in zip(layer_state(run.model).values(), seen.states[best].values()))
+
+
+DAMAGE = {  # file -> (what it is replaced with, what the reason says)
+    "optimizer.pt": (b"garbage", "optimizer.pt is not a readable torch.save file"),
+    "scheduler.pt": (None, "no scheduler.pt"),
+    "rng_state.pth": (b"", "rng_state.pth is not a readable torch.save file"),
+    "trainer_state.json": (b"{}", "trainer_state.json has no valid 'global_step' (got None)"),
+    "clm_checkpoint.json": (b"{oops", "clm_checkpoint.json is not readable JSON"),
+    "alignment/alignment_config.json": (b"[]", "alignment_config.json must hold a JSON object"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_a_damaged_checkpoint_is_incomplete_and_named(tmp_path, uninterrupted, name):
+    """Every file a resume reads is checked: a bare resume falls back to the newest complete checkpoint; a named
+    one is refused with the file's name, before the Trainer reads anything."""
+    import shutil
+
+    content, reason = DAMAGE[name]
+    copy = tmp_path / "a"
+    shutil.copytree(uninterrupted[0], copy)
+    damaged = copy / "checkpoint-4" / name
+    damaged.unlink()
+    if content is not None:
+        damaged.write_bytes(content)
+    assert incomplete_reason(str(copy / "checkpoint-2")) is None
+    assert reason in incomplete_reason(str(copy / "checkpoint-4"))
+    assert last_complete_checkpoint(str(copy)) == (str(copy / "checkpoint-2"), [str(copy / "checkpoint-4")])
+    with pytest.raises(IncompleteCheckpointError, match=f"checkpoint-4 is not a complete checkpoint: .*{name}"):
+        trainer(tmp_path, "b").train(resume_from_checkpoint=str(copy / "checkpoint-4"))
+
+
+def test_resume_refuses_a_layer_that_overflows_the_training_dtype(tmp_path, uninterrupted):
+    """A checkpoint's layer re-saved as float64 holding 1e300: consistent as a file, inf in the float32 model."""
+    import shutil
+
+    copy = tmp_path / "a"
+    shutil.copytree(uninterrupted[0], copy)
+    layer_dir = copy / "checkpoint-2" / "alignment"
+    model = clm_ext.load_alignment(tiny_causal_lm("llama").double(), str(layer_dir))
+    with torch.no_grad():
+        clm_ext.model.alignment_layer(model).weight[0, 0] = 1e300
+    clm_ext.save_alignment(model, str(layer_dir))
+    with pytest.raises(ValueError, match="'weight' holds 1 value.* not finite in torch.float32"):
+        trainer(tmp_path, "b").train(resume_from_checkpoint=str(copy / "checkpoint-2"))

@@ -76,6 +76,7 @@ def test_distinct_n_and_variant_names():
         parse_variant("linear")
 
 
+@pytest.mark.slow
 def test_clm_demo_quick_end_to_end(tmp_path):
     """The README's command at smoke-test size: every stage runs and every output is written."""
     from clm_ext.cli import main

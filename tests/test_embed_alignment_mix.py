@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from clm_ext import ops
+from test_alignment_mix import BAD_RAW_ALPHAS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -128,6 +129,28 @@ def test_compiled_call_rejects_out_of_range_ids():
     compiled = torch.compile(ops.embed_alignment_mix, backend="aot_eager", fullgraph=True)
     with pytest.raises(RuntimeError, match=r"input_ids must lie in \[0, 10\), got 12"):
         compiled(torch.tensor([[0, 12]]), embed, weight, bias, 0.5)
+
+
+@pytest.mark.parametrize("alpha,match", BAD_RAW_ALPHAS)
+def test_direct_op_call_refuses_a_bad_alpha(alpha, match):
+    embed, weight, bias = make(10, 8, torch.float32)
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]])
+    with pytest.raises(RuntimeError, match="embed_alignment_mix: " + match.format(batch="input_ids")):
+        torch.ops.clm_ext.embed_alignment_mix(ids, embed, weight, bias, alpha)
+    grad = torch.ones(4, 3, 8)
+    with pytest.raises(RuntimeError, match="embed_alignment_mix_backward: " + match.format(batch="input_ids")):
+        torch.ops.clm_ext.embed_alignment_mix_backward(grad, ids, embed, weight, bias, alpha, [True] * 4)
+
+
+def test_direct_op_call_takes_one_alpha_per_token_of_flat_ids():
+    """Flat ids [T] are T sequences of one token: a per-token alpha (the packed rows of a server)."""
+    embed, weight, bias = make(10, 8)
+    ids = torch.tensor([3, 1, 4, 1, 5])
+    alpha = torch.tensor([0.0, -1.0, 2.5, 0.3, 1.0], dtype=torch.float64)
+    want = ops.reference_embed_alignment_mix(ids, embed, weight, bias, alpha)
+    torch.testing.assert_close(torch.ops.clm_ext.embed_alignment_mix(ids, embed, weight, bias, alpha), want)
+    with pytest.raises(RuntimeError, match="alpha has 4 values but input_ids has 5 sequences"):
+        torch.ops.clm_ext.embed_alignment_mix(ids, embed, weight, bias, alpha[:4])
 
 
 @pytest.mark.parametrize(

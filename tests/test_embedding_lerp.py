@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from clm_ext import ops
+from test_alignment_mix import BAD_RAW_ALPHAS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -62,6 +63,15 @@ def test_direct_op_call_checks_the_aligned_table(aligned, match):
     embed, _, _ = make(12, 8)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.clm_ext.embedding_lerp(torch.tensor([[11, 3]]), embed, aligned(embed), torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("alpha,match", BAD_RAW_ALPHAS)
+def test_direct_op_call_refuses_a_bad_alpha(alpha, match):
+    embed, weight, bias = make(12, 8)
+    aligned = ops.alignment_mix(embed, weight, bias, 1.0)
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]])
+    with pytest.raises(RuntimeError, match="embedding_lerp: " + match.format(batch="input_ids")):
+        torch.ops.clm_ext.embedding_lerp(ids, embed, aligned, alpha)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

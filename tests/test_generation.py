@@ -1,7 +1,7 @@
 """Generation with the dial: KV cache, left padding, per-sequence alphas, beams, the `clm generate` CLI."""
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 
 import clm_ext
 from clm_ext.model import alignment_parameters
@@ -133,3 +133,46 @@ def test_cached_aligned_table_generates_the_same_tokens():
     with torch.inference_mode():
         assert torch.equal(_greedy(cached, tok), _greedy(plain, tok))
     assert clm_ext.model.alignment_site(cached)._table is not None
+
+
+def test_cli_generate_a_tiny_temperature_is_greedy(tmp_path, capsys):
+    """`clm generate --sample --temperature 1e-300` raised 'probability tensor contains inf/nan'; below
+    GREEDY_BELOW sampling is greedy, as in clm serve."""
+    from clm_ext.cli import main
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama")
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    clm_ext.add_alignment_control(model)
+    _perturb(model)
+    clm_ext.save_alignment(model, tmp_path / "layer")
+    common = ["generate", "--model", str(tmp_path / "base"), "--alignment", str(tmp_path / "layer"), "--alpha", "0",
+              "1.5", "--prompt", "the cat runs", "--max-new-tokens", "5", "--width", "80"]
+    def printed(argv):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        return out[out.index("prompt:"):]  # after any import-time notice of an optional package
+
+    greedy = printed(common)
+    for temperature in ("1e-300", "5e-324", "1e-40"):
+        assert printed([*common, "--sample", "--temperature", temperature, "--top-p", "0.5"]) == greedy, temperature
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine or torch build without CUDA")
+def test_cli_generate_device_cuda_without_cuda_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tok = tiny_tokenizer()
+    tiny_causal_lm("llama").save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for device in ("cuda", "cuda:1", "tpu9"):
+        proc = subprocess.run([sys.executable, "-m", "clm_ext.cli", "generate", "--model", str(tmp_path / "base"),
+                               "--prompt", "the cat", "--device", device], capture_output=True, text=True, timeout=120,
+                              env=env)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and "--device" in lines[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from clm_ext import ops
-from clm_ext.layer import AlignedEmbedding, as_alpha, expand_alpha
+from clm_ext.alpha import alpha_tensor, expand_alpha
+from clm_ext.layer import AlignedEmbedding
 
 
 def _embedding(vocab=20, d=8, seed=0):
@@ -137,15 +138,15 @@ def test_wrap_errors():
         (torch.zeros(0), ValueError, "at least one"),
     ],
 )
-def test_as_alpha_rejects_bad_values(bad, error, match):
+def test_alpha_tensor_rejects_bad_values(bad, error, match):
     with pytest.raises(error, match=match):
-        as_alpha(bad)
+        alpha_tensor(bad)
 
 
-def test_as_alpha_accepts_numbers_lists_and_tensors():
-    assert as_alpha(1).dtype == torch.float32 and as_alpha(1).dim() == 0
-    assert as_alpha([0, 1.5]).tolist() == [0.0, 1.5]
-    assert as_alpha(torch.tensor([1, 2])).dtype == torch.float32
+def test_alpha_tensor_accepts_numbers_lists_and_tensors():
+    assert alpha_tensor(1).dtype == torch.float32 and alpha_tensor(1).dim() == 0
+    assert alpha_tensor([0, 1.5]).tolist() == [0.0, 1.5]
+    assert alpha_tensor(torch.tensor([1, 2])).dtype == torch.float32
 
 
 def test_expand_alpha_repeats_per_sequence_or_refuses():

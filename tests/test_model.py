@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_causal_lm, tiny_tokenizer
+from helpers import ARCHS, tiny_causal_lm, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import clm_ext
@@ -176,6 +176,7 @@ def test_bf16_model_trains_a_float32_layer():
     assert not torch.equal(layer.weight.diagonal(), before)
 
 
+@pytest.mark.slow
 def test_torch_compile_follows_the_dial():
     model = tiny_causal_lm("llama")
     clm_ext.add_alignment_control(model)

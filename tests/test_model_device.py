@@ -7,7 +7,7 @@ themselves tested on machines without a GPU.
 """
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 
 import clm_ext
 from clm_ext.model import alignment_parameters

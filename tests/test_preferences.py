@@ -101,3 +101,14 @@ def test_invalid_utf8_is_named_by_its_line(tmp_path):
     path.write_bytes(json.dumps(PLAIN[0]).encode() + b"\n\n" + json.dumps(PLAIN[0]).replace("cat", "caf\xe9").encode("latin-1") + b"\n")
     with pytest.raises(PreferenceDataError, match=r"line 3 is not valid UTF-8"):
         load_preferences(str(path))
+
+
+def test_a_byte_order_mark_is_accepted_only_where_a_file_starts(tmp_path):
+    """Some Windows editors save UTF-8 with a BOM: the file loads; a BOM inside the file is still an error."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in PLAIN).encode() + b"\n")
+    ds = load_preferences(str(path))
+    assert ds[0]["prompt"] == "the cat" and len(ds) == 2
+    path.write_bytes(json.dumps(PLAIN[0]).encode() + b"\n\xef\xbb\xbf" + json.dumps(PLAIN[1]).encode() + b"\n")
+    with pytest.raises(PreferenceDataError, match="line 2 is not valid JSON"):
+        load_preferences(str(path))

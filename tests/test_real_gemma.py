@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")

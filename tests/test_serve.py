@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,116 +14,45 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import WORDS, tiny_causal_lm, tiny_tokenizer
+from helpers import tiny_causal_lm, tiny_tokenizer
 
 import clm_ext
 from clm_ext.model import alignment_site
 from clm_ext.serve.batch_hooks import RequestSpec, RequestTable
 
-MAX_TOKENS = 12
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-                 "{% if add_generation_prompt %}assistant : {% endif %}")
+from serve_helpers import MAX_TOKENS, client, health, perturb, raw, reference, reference_ids, running_server, write_model
+from serve_helpers import prompt as _prompt
+from serve_helpers import tiny_aligned_model as _tiny_aligned_model
 
+pytestmark = pytest.mark.serve
 
-def _prompt(i: int, length: int) -> str:
-    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(length))
-
-
-def _tiny_aligned_model():
-    """The test model: a tiny Llama whose lm_head never prefers </s> (every greedy completion runs to
-    max_tokens, so lengths are deterministic) and a layer far from the identity (alpha matters)."""
-    model = tiny_causal_lm("llama", max_position_embeddings=256)
-    with torch.no_grad():
-        model.lm_head.weight[1].zero_()
-    return model
-
-
-def _perturb(model):
-    """A layer that moves the output at every alpha without swamping the embeddings (row norm ~0.11): a
-    larger bias drives every token to the same input and every alpha >= 1 to the same repeated word."""
-    layer = alignment_site(model).alignment
-    g = torch.Generator().manual_seed(0)
-    d = layer.weight.shape[0]
-    with torch.no_grad():
-        layer.weight.add_(0.4 / d**0.5 * torch.randn(d, d, generator=g))
-        layer.bias.add_(0.005 * torch.randn(d, generator=g))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_perturb = perturb
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A `clm serve` subprocess on the tiny model with a trained-looking layer, and a reference copy."""
     root = tmp_path_factory.mktemp("serve")
-    model_dir, layer_dir = root / "model", root / "layer"
-    model = _tiny_aligned_model()
-    tok = tiny_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    clm_ext.add_alignment_control(model)
-    _perturb(model)
-    clm_ext.save_alignment(model, layer_dir)
-    port = _free_port()
-    # Small pages, cache and batches: prompts span several pages and long prompts are prefilled in chunks.
-    cmd = [sys.executable, "-m", "clm_ext.cli", "serve", "--model", str(model_dir), "--alignment", str(layer_dir),
-           "--port", str(port), "--max-queue", "16", "--page-size", "16", "--cache-blocks", "96",
-           "--max-batch-tokens", "48", "--threads", "1", "--served-model-name", "tiny"]
-    log = open(root / "server.log", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"clm serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("clm serve did not answer /health within 180 s")
-        time.sleep(0.5)
-    model.eval()
-    try:
-        yield {"base": base, "model": model, "tok": tok, "proc": proc, "log": log, "model_dir": model_dir}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    model, tok = write_model(root)
+    with running_server(root) as (base, proc, log):
+        yield {"base": base, "model": model, "tok": tok, "proc": proc, "log": log, "model_dir": root / "model"}
 
 
 def _client(served):
-    import openai
-
-    return openai.OpenAI(base_url=served["base"] + "/v1", api_key="unused", timeout=120, max_retries=0)
+    return client(served["base"])
 
 
 def _reference(served, prompt: str, alpha: float, max_tokens: int = MAX_TOKENS) -> str:
     """What clm_ext.generate gives for this prompt alone at this alpha (greedy)."""
-    return clm_ext.generate(served["model"], served["tok"], [prompt], alphas=[alpha], max_new_tokens=max_tokens,
-                            do_sample=False)[0]
+    return reference(served["model"], served["tok"], prompt, alpha, max_tokens)
 
 
 def _reference_ids(served, ids: list, alpha: float, max_tokens: int = MAX_TOKENS) -> str:
-    model, tok = served["model"], served["tok"]
-    with clm_ext.alignment_strength(model, alpha), torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    return reference_ids(served["model"], served["tok"], ids, alpha, max_tokens)
 
 
 def _health(served) -> dict:
-    return httpx.get(served["base"] + "/health", timeout=10).json()
+    return health(served["base"])
 
 
 def _completion(served, prompt: str, alpha: float, **kwargs):
@@ -133,8 +61,7 @@ def _completion(served, prompt: str, alpha: float, **kwargs):
 
 
 def _raw(served, body, path="/v1/completions"):
-    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(served["base"] + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+    return raw(served["base"], body, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,12 +93,12 @@ def test_token_alpha_mixes_each_token_at_its_own_alpha():
         emb.set_token_alpha(torch.tensor([1.0, float("nan")]))
 
 
-def test_engine_refuses_the_logits_mode_and_the_block_layer(tiny_tokenizer):
+def test_engine_refuses_the_logits_mode(tiny_tokenizer):
     from clm_ext.serve.engine import Engine
 
-    for kwargs in ({"mode": "logits"}, {"layer": "block"}):
+    for layer in ("linear", "block"):
         model = tiny_causal_lm("llama")
-        clm_ext.add_alignment_control(model, **kwargs)
+        clm_ext.add_alignment_control(model, mode="logits", layer=layer)
         with pytest.raises(ValueError, match="mode 'embed'"):
             Engine(model, tiny_tokenizer())
 
@@ -210,7 +137,7 @@ def test_transformers_internals_the_adapter_reads():
     forward = inspect.getsource(model_runner.ModelRunner._forward_process_and_sample)
     assert "logits = model(**batch_data).logits" in forward
     sample = inspect.getsource(model_runner.ModelRunner._sample)
-    assert "torch.argmax(probs, dim=-1" in sample  # greedy: our sampled rows are one-hot
+    assert "torch.argmax(probs, dim=-1" in sample  # greedy: a sampled row holds +inf at its token
     assert 'f"{state_to_fork.request_id}__child#{i}"' in inspect.getsource(continuous_api.ContinuousBatchProcessor)
     assert "inputs_and_outputs" in inspect.getsource(continuous_api.ContinuousBatchProcessor.__init__)
     assert "result_handlers" in inspect.getsource(continuous_api.OutputRouter)
@@ -382,16 +309,19 @@ def test_bench_serve_smoke(served, tmp_path):
     assert all(r["median"] == 0 for r in rows if r["metric"] == "failures")
 
 
-def test_default_alignment_is_the_demo_layer_of_the_default_model(tmp_path, monkeypatch):
+def test_default_alignment_is_the_demo_block_layer_else_its_linear_layer(tmp_path, monkeypatch):
     import argparse
 
     from clm_ext.cli import serve as cli
 
-    monkeypatch.setattr(cli, "DEMO_LAYER", tmp_path / "missing")
+    block, linear = tmp_path / "block", tmp_path / "linear"
+    monkeypatch.setattr(cli, "DEMO_LAYERS", (block, linear))
     args = argparse.Namespace(model=cli.DEFAULT_MODEL, alignment=None)
     assert cli._alignment_dir(args) is None  # no trained layer in this checkout: the identity, said at start-up
-    monkeypatch.setattr(cli, "DEMO_LAYER", tmp_path)
-    assert cli._alignment_dir(args) == str(tmp_path)
+    linear.mkdir()
+    assert cli._alignment_dir(args) == str(linear)
+    block.mkdir()
+    assert cli._alignment_dir(args) == str(block)
     assert cli._alignment_dir(argparse.Namespace(model="some/dir", alignment=None)) is None
-    with pytest.raises(SystemExit, match="--alignment"):
+    with pytest.raises(cli.UsageError, match="--alignment"):
         cli._alignment_dir(argparse.Namespace(model="some/dir", alignment=str(tmp_path / "nope")))

@@ -10,7 +10,18 @@ from clm_ext.sources import ModelSourceError, resolve_model
 
 
 def test_a_local_directory_is_used_as_it_is(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize("bad, fragment", [("", "got an empty one"), (" ", "got an empty one"),
+                                           ("{tmp}", "no config.json in {tmp}")])
+def test_an_empty_path_or_a_directory_without_config_is_refused(tmp_path, monkeypatch, bad, fragment):
+    monkeypatch.chdir(tmp_path)  # an empty path must not mean this directory, model or not
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ModelSourceError, match=fragment.format(tmp=tmp_path)) as err:
+        resolve_model(bad.format(tmp=tmp_path))
+    assert str(err.value).startswith("--model")
 
 
 @pytest.mark.parametrize("bad, fragment", [("no/such/dir", "neither a local checkpoint"), ("notes.txt", "not a .gguf")])
@@ -30,7 +41,7 @@ def test_a_missing_package_says_what_to_install(monkeypatch):
         resolve_model("smollm2-135m-instruct")
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_packaged_smollm2_converts_once_into_a_plain_trainable_checkpoint(tmp_path, monkeypatch):
     """The converted checkpoint loads as an ordinary float32 model (not marked quantized), with the chat
     template, and gives the same logits as transformers' own GGUF load; the second call reuses the cache."""
@@ -63,3 +74,25 @@ def test_packaged_smollm2_converts_once_into_a_plain_trainable_checkpoint(tmp_pa
 
 def importlib_missing(name: str) -> bool:
     return sources.importlib.util.find_spec(name) is None
+
+
+def test_the_converted_checkpoint_honours_the_umask(tmp_path, monkeypatch):
+    """A converted model in the cache is readable as the umask allows (a service account may serve it), not
+    0700. The GGUF reading is stood in for by a tiny model; the folder handling is the real one."""
+    import transformers
+    from helpers import tiny_causal_lm, tiny_tokenizer
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_causal_lm())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny_tokenizer())
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: object())  # as if `gguf` were installed
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    monkeypatch.setenv("CLM_EXT_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0o022)
+    try:
+        path = resolve_model(str(gguf), progress=None)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    assert os.listdir(tmp_path / "cache" / "models") == [os.path.basename(path)]  # no temporary folder left
+    assert json.loads(open(os.path.join(path, "config.json")).read())["model_type"] == "llama"

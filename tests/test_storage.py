@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from helpers import tiny_causal_lm
 from safetensors.torch import save_file
 
 import clm_ext
@@ -223,7 +223,7 @@ CONCURRENT = textwrap.dedent("""
     import json, sys, time
     import torch
     sys.path.insert(0, sys.argv[5])
-    from conftest import tiny_causal_lm
+    from helpers import tiny_causal_lm
     import clm_ext
     from clm_ext.model import alignment_layer
 
@@ -250,6 +250,7 @@ CONCURRENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_saves_and_loads_never_fail_or_mix(tmp_path):
     """Two processes saving and two loading the same directory for 3 s: every load is one whole save."""
     target = str(tmp_path / "layer")
@@ -327,6 +328,9 @@ BAD_TENSORS = {
             "'weight' holds 32 NaN or infinite"),
     "inf": (lambda t: {**t, "bias": t["bias"].clone().fill_(float("inf"))}, "'bias' holds 32 NaN or infinite"),
     "integer": (lambda t: {**t, "weight": t["weight"].to(torch.int32)}, "'weight' has dtype torch.int32"),
+    "float64 beyond float32": (lambda t: {**t, "weight": t["weight"].to(torch.float64).index_fill_(0, torch.tensor([3]),
+                                                                                                  1e300)},
+                               r"'weight' holds 32 value\(s\) that are not finite in torch.float32"),
     "wrong shape": (lambda t: {**t, "weight": t["weight"][:16]}, "do not fit"),
     "missing tensor": (lambda t: {"weight": t["weight"]}, "do not fit"),
 }
@@ -352,3 +356,57 @@ def test_a_config_naming_missing_weights_is_a_clear_error(tmp_path):
     os.remove(os.path.join(target, storage.read_config(target)["weights"]))
     with pytest.raises(FileNotFoundError, match="not a complete alignment layer.*which is missing"):
         _loaded(target)
+
+
+# ------------------------------------------------------------------------------------------------
+# Finite in the dtype the weights are used in, not only as stored
+
+
+def _overflowing_layer(directory, dtype, value):
+    """A layer saved from a model whose layer has `dtype`, one weight entry set to `value` (finite in `dtype`)."""
+    model = clm_ext.add_alignment_control(tiny_causal_lm("llama").to(dtype))
+    with torch.no_grad():
+        alignment_layer(model).weight[0, 0] = value
+    return clm_ext.save_alignment(model, directory)
+
+
+@pytest.mark.parametrize("saved, value, used", [(torch.float64, 1e300, torch.float32),
+                                                (torch.float64, 1e300, torch.bfloat16),
+                                                (torch.float32, 3.4e38, torch.bfloat16)])
+def test_a_weight_that_overflows_the_models_dtype_is_refused(tmp_path, saved, value, used):
+    """Finite as saved, inf in the dtype the model uses it in (a bfloat16 table mixes the float32 linear layer
+    in bfloat16): refused by name, the model left as it was (its alpha-0 logits still the base model's)."""
+    target = _overflowing_layer(tmp_path / "layer", saved, value)
+    assert storage.read_layer(target)[1]["weight"].dtype == saved  # the file itself is consistent
+    model = tiny_causal_lm("llama").to(used)
+    ids = torch.tensor([[2, 5, 6, 7]])
+    base = model(ids).logits
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"'weight' holds 1 value\(s\) that are not finite in {used}"):
+        clm_ext.load_alignment(model, target)
+    _assert_untouched(model, before, wrapped=False)
+    assert torch.equal(model(ids).logits, base)
+    same = clm_ext.load_alignment(tiny_causal_lm("llama").to(saved), target)  # in its own dtype it loads
+    assert float(alignment_layer(same).weight[0, 0]) == float(torch.tensor(value, dtype=saved))
+
+
+def test_an_export_refuses_a_layer_that_overflows_the_served_dtype(tmp_path):
+    from clm_ext.vllm_export import export_for_vllm
+
+    base = tmp_path / "base"
+    tiny_causal_lm("llama").save_pretrained(base)
+    target = _overflowing_layer(tmp_path / "layer", torch.float64, 1e300)
+    with pytest.raises(ValueError, match=r"--alignment: the layer in .* not finite in torch.float32"):
+        export_for_vllm(str(base), target, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    clm_ext.save_alignment(_model(1), tmp_path)  # a layer here: "" must still not save over it or load it
+    before = _layer_files(tmp_path), open(tmp_path / "alignment_config.json").read()
+    for call in (lambda: clm_ext.save_alignment(_model(2), ""), lambda: clm_ext.load_alignment(_model(2), ""),
+                 lambda: clm_ext.model.read_alignment_config("")):
+        with pytest.raises(ValueError, match="expected a path, got an empty one"):
+            call()
+    assert (_layer_files(tmp_path), open(tmp_path / "alignment_config.json").read()) == before

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.distributed
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
@@ -68,7 +70,7 @@ def test_deepspeed_zero_two_cpu_processes(tmp_path, stage):
     from safetensors.torch import load_file
 
     import clm_ext
-    from conftest import tiny_causal_lm
+    from helpers import tiny_causal_lm
 
     path = os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu",

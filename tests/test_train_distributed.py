@@ -8,7 +8,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = [
@@ -22,7 +25,7 @@ ROWS = [
 def build_trainer(out_dir, per_device_batch, callbacks=None, **options):
     """The same model (layer moved off the identity), data and options on every rank and in the test; `options`
     override DPOConfig fields."""
-    from conftest import tiny_causal_lm, tiny_tokenizer
+    from helpers import tiny_causal_lm, tiny_tokenizer
     from trl import DPOConfig
 
     import clm_ext

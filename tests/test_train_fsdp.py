@@ -18,6 +18,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.distributed
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
@@ -89,7 +91,7 @@ def test_fsdp2_two_cpu_processes(tmp_path, precision):
     from safetensors.torch import load_file
 
     import clm_ext
-    from conftest import tiny_causal_lm
+    from helpers import tiny_causal_lm
 
     launch(precision, tmp_path)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from clm_ext.vllm.alpha import TokenAlpha, cache_salt, request_alpha
-from clm_ext.vllm.middleware import AlphaError, AlphaMiddleware, rewrite
+from clm_ext.alpha import AlphaError
+from clm_ext.vllm.middleware import AlphaMiddleware, rewrite
 
 
 def test_top_level_alpha_moves_into_vllm_xargs():

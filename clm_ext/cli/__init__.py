@@ -1,5 +1,11 @@
 """`clm`: the command line. Each sub-command lives in its own module of this package, which defines
-`add_arguments(parser)` and `run(args)`; modules are imported only when their command runs."""
+`add_arguments(parser)` and `run(args)`; modules are imported only when their command runs.
+
+Every user error, whichever command and whichever layer finds it, ends the same way: one line on stderr,
+`clm COMMAND: error: MESSAGE`, and exit code 2 (`USAGE_EXIT_CODE`). A command raises `UsageError` for what it
+checks itself; argparse's errors and the library's own input errors (ValueError, OSError, whose messages name
+the argument or file) are reported through the same line.
+"""
 import argparse
 import importlib
 import sys
@@ -14,32 +20,45 @@ COMMANDS = {
     "export-vllm": "Write a checkpoint that vLLM serves with the clm-ext plugin (per-request alpha).",
 }
 LIST_OPTIONS = ("--alphas",)  # comma-separated numbers that may start with '-'
+USAGE_EXIT_CODE = 2
+
+
+class UsageError(Exception):
+    """A user error the command found: the message names the argument and what was expected."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error in one line (the usage itself is one `--help` away)."""
+    """argparse, whose errors take the path of every other user error (the usage is one `--help` away)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def main(argv=None) -> int:
-    """Run one command; bad input (ValueError, OSError) ends in one line on stderr and exit code 2, not a
-    traceback."""
+    """Run one command; a user error ends in one line on stderr and exit code 2, not a traceback."""
+    argv = _attach_list_values(list(argv if argv is not None else sys.argv[1:]))
+    command = argv[0] if argv[:1] and argv[0] in COMMANDS else None
+    try:
+        args = _parser(command).parse_args(argv)
+        return importlib.import_module(_module(args.command)).run(args) or 0
+    except (UsageError, ValueError, OSError) as e:
+        print(f"clm{' ' + command if command else ''}: error: {_one_line(e)}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+
+
+def _parser(command) -> argparse.ArgumentParser:
+    """The parser, with the arguments of `command` only (the others' modules are not imported)."""
     parser = _Parser(prog="clm", description="clm-ext: an alignment dial for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    argv = _attach_list_values(list(argv if argv is not None else sys.argv[1:]))
-    chosen = argv[:1]
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if chosen == [name]:
-            importlib.import_module(f"clm_ext.cli.{name.replace('-', '_')}").add_arguments(p)
-    args = parser.parse_args(argv)
-    try:
-        return importlib.import_module(f"clm_ext.cli.{args.command.replace('-', '_')}").run(args) or 0
-    except (ValueError, OSError) as e:
-        print(f"clm {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        if name == command:
+            importlib.import_module(_module(name)).add_arguments(p)
+    return parser
+
+
+def _module(command: str) -> str:
+    return f"clm_ext.cli.{command.replace('-', '_')}"
 
 
 def _one_line(error: Exception) -> str:

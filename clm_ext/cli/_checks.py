@@ -1,10 +1,12 @@
-"""Checks the `clm` commands share: argument types that refuse bad values at parse time, and output
-directories, which are looked at before any work starts and never written into silently."""
+"""Checks the `clm` commands share: argument types that refuse bad values at parse time, and a missing
+--model directory (output directories: clm_ext.output_dirs)."""
 from __future__ import annotations
 
 import argparse
 import math
 import os
+
+from . import UsageError
 
 
 def finite_float(text: str) -> float:
@@ -42,30 +44,42 @@ def nonempty_text(text: str) -> str:
     return text
 
 
+def unit_interval(text: str) -> float:
+    """An argparse type: a number in (0, 1] (a probability mass, such as top-p)."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def path_text(text: str) -> str:
+    """An argparse type: a path, never empty (an empty one would silently mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return text
+
+
 def add_force_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true",
-                        help="write into a non-empty --out (files of the same names are replaced)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out (files of the same "
+                        "names are replaced, nothing else is deleted)")
 
 
-def check_out(command: str, out: str, force: bool) -> None:
-    """Refuse an --out that is a file, or a non-empty directory without --force (SystemExit: one line)."""
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise SystemExit(f"clm {command}: --out {out} exists and is not a directory; choose a directory")
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise SystemExit(
-            f"clm {command}: --out {out} is a non-empty directory; pass --force to write into it "
-            "(files of the same names are replaced) or choose a new directory"
-        )
-
-
-def check_model_dir(command: str, model: str) -> None:
-    """Refuse a --model that names a missing local path (anything else may be a hub id) in one line."""
+def check_model_dir(model: str) -> None:
+    """Refuse a --model that names a missing local path (anything else may be a packaged model's name)."""
     if os.path.exists(model):
         return
     if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1:
-        raise SystemExit(f"clm {command}: --model {model}: no such directory")
+        raise UsageError(f"--model {model}: no such directory")
 
 
-def same_directory(a: str, b: str) -> bool:
-    """Whether two paths name the same existing directory (through symlinks and relative paths)."""
-    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+def check_device(device: str) -> None:
+    """Refuse a --device this torch build or machine cannot use, in one line (not torch's traceback)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UsageError(f"--device {device}: {why}; use --device cpu")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_device, check_model_dir, path_text
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="smollm2-135m-instruct, gemma3-270m, a local checkpoint "
-                        "directory or a .gguf file (converted once into a cached checkpoint)")
-    parser.add_argument("--alignment", help="a directory written by clm_ext.save_alignment / clm train")
+    parser.add_argument("--model", type=path_text, required=True, help="smollm2-135m-instruct, gemma3-270m, a local "
+                        "checkpoint directory or a .gguf file (converted once into a cached checkpoint)")
+    parser.add_argument("--alignment", type=path_text, help="a directory written by clm_ext.save_alignment / clm train")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -20,11 +22,11 @@ def load_model(args, mode=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import clm_ext
+    from clm_ext.sources import resolve_model
 
-    from ._checks import check_model_dir
-
-    check_model_dir(args.command, args.model)
-    model_dir = resolve_model_argument(args.model)
+    check_model_dir(args.model)
+    check_device(args.device)
+    model_dir = resolve_model(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(args.device).eval()
     if args.alignment:
         clm_ext.load_alignment(model, args.alignment, mode=mode)
@@ -33,13 +35,3 @@ def load_model(args, mode=None):
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
-
-
-def resolve_model_argument(model: str) -> str:
-    """`--model` as a local checkpoint directory (clm_ext.sources.resolve_model); a bad one is a one-line exit."""
-    from clm_ext.sources import ModelSourceError, resolve_model
-
-    try:
-        return resolve_model(model)
-    except ModelSourceError as e:
-        raise SystemExit(f"clm: {e}") from None

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import UsageError
+
 SCRIPTS = {"op": "bench_op.py", "generate": "bench_generate.py", "dpo": "bench_dpo.py",
            "dpo-real": "bench_dpo_real.py", "serve": "bench_serve.py", "plot": "plot.py"}
 
@@ -26,8 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     path = benchmarks_dir() / SCRIPTS[args.script]
     if not path.is_file():
-        print(f"clm bench: {path} not found. The benchmark scripts ship with the clm-ext source checkout, "
-              "not with the installed package: clone the repository and install it with `pip install -e .`.",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{path} not found. The benchmark scripts ship with the clm-ext source checkout, not "
+                         "with the installed package: clone the repository and install it with `pip install -e .`.")
     return subprocess.call([sys.executable, str(path), *args.args])

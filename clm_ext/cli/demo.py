@@ -3,7 +3,8 @@ import argparse
 import math
 import os
 
-from ._checks import add_force_argument, check_out, optimizer_name, positive_float
+from . import UsageError
+from ._checks import add_force_argument, optimizer_name, path_text, positive_float
 
 
 def _floats(text: str) -> tuple:
@@ -12,8 +13,16 @@ def _floats(text: str) -> tuple:
     except ValueError:
         values = ()
     if not values or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"--alphas: expected comma-separated finite numbers, got {text!r}")
+        raise UsageError(f"--alphas: expected comma-separated finite numbers, got {text!r}")
     return values
+
+
+def _names(flag: str, text: str) -> tuple:
+    """A comma-separated list of names; an empty one (or an empty item) is refused, not read as the default."""
+    names = tuple(text.split(","))
+    if not all(n.strip() for n in names):
+        raise UsageError(f"{flag}: expected comma-separated names, got {text!r}")
+    return names
 
 
 def _per_method(flag: str, items: list, what: str, parse) -> dict:
@@ -25,7 +34,7 @@ def _per_method(flag: str, items: list, what: str, parse) -> dict:
     for item in items:
         key, _, value = item.partition("=")
         if key not in METHODS:
-            raise ValueError(f"{flag}: {item!r} must be METHOD={what} with METHOD {names}")
+            raise UsageError(f"{flag}: {item!r} must be METHOD={what} with METHOD {names}")
         out[key] = parse(item, value)
     return out
 
@@ -34,16 +43,16 @@ def _optimizer(item: str, value: str) -> str:
     try:
         return optimizer_name(value)
     except argparse.ArgumentTypeError as e:
-        raise ValueError(f"--optim: {e}") from None
+        raise UsageError(f"--optim: {e}") from None
 
 
 def _learning_rate(item: str, value: str) -> float:
     try:
         lr = float(value)
     except ValueError:
-        raise ValueError(f"--lr: {item!r} has no number after '='") from None
+        raise UsageError(f"--lr: {item!r} has no number after '='") from None
     if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"--lr: {item!r} must be a finite number > 0")
+        raise UsageError(f"--lr: {item!r} must be a finite number > 0")
     return lr
 
 
@@ -59,11 +68,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--toy", action="store_true", help="the tiny model built here instead of a real one (a one-minute "
                         "look with --quick; what the tests run)")
     parser.add_argument("--quick", action="store_true", help="smoke-test size: same stages, a fraction of the work")
-    parser.add_argument("--out", default="clm-demo-out", help="a new or empty output directory (default: ./clm-demo-out)")
+    parser.add_argument("--out", type=path_text, default="clm-demo-out", help="a new or empty output directory (default: ./clm-demo-out)")
     add_force_argument(parser)
-    parser.add_argument("--model", help="the model to align: smollm2-135m-instruct (default), gemma3-270m, a local "
+    parser.add_argument("--model", type=path_text, help="the model to align: smollm2-135m-instruct (default), gemma3-270m, a local "
                         "checkpoint directory or a .gguf file")
-    parser.add_argument("--dataset", help="train on this preference set (.jsonl or datasets directory) instead of "
+    parser.add_argument("--dataset", type=path_text, help="train on this preference set (.jsonl or datasets directory) instead of "
                         "the on-policy VADER pairs")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -103,30 +112,30 @@ def _overrides(args) -> dict:
         value = getattr(args, name)
         if value is not None:
             if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
             out[name] = value
     for name in ("beta", "temperature"):
         value = getattr(args, name)
         if value is not None:
             if value <= 0:
-                raise ValueError(f"--{name} must be > 0, got {value}")
+                raise UsageError(f"--{name} must be > 0, got {value}")
             out[name] = value
     if args.min_margin is not None:
         if args.min_margin < 0:
-            raise ValueError(f"--min-margin must be >= 0, got {args.min_margin}")
+            raise UsageError(f"--min-margin must be >= 0, got {args.min_margin}")
         out["min_margin"] = args.min_margin
     if args.seed is not None:
         out["seed"] = args.seed
     if args.model_size is not None:
         if not args.toy:
-            raise ValueError("--model-size picks the toy model's size: use it with --toy")
+            raise UsageError("--model-size picks the toy model's size: use it with --toy")
         out["model_size"] = args.model_size
-    if args.alphas:
+    if args.alphas is not None:
         out["alphas"] = _floats(args.alphas)
-    if args.variants:
-        out["variants"] = tuple(args.variants.split(","))
-    if args.baselines:
-        out["baselines"] = () if args.baselines == "none" else tuple(args.baselines.split(","))
+    if args.variants is not None:
+        out["variants"] = _names("--variants", args.variants)
+    if args.baselines is not None:
+        out["baselines"] = () if args.baselines == "none" else _names("--baselines", args.baselines)
     return out
 
 
@@ -135,11 +144,13 @@ def run(args) -> int:
 
     from clm_ext.demo.pipeline import DemoConfig, run as run_demo
 
-    check_out("demo", args.out, args.force)
+    from clm_ext.output_dirs import check_output_dir
+
+    check_output_dir(args.out, {"--model": args.model, "--dataset": args.dataset}, args.force)
     threads = args.threads if args.threads is not None else (1 if args.toy else None)
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
+            raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     overrides = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"), **_overrides(args)}
     if args.toy:
@@ -158,4 +169,27 @@ def run(args) -> int:
     out = os.path.abspath(args.out)
     print(open(os.path.join(out, "results.md")).read())
     print(f"wrote {out}/results.json, results.md, reward_vs_alpha.png in {results['total_seconds']:.0f} s")
+    model = os.path.join(out, "base-model") if args.toy else results["model"]
+    layers = dict.fromkeys(row["layer_dir"] for row in results["variants"].values())
+    print(serve_commands(model, [os.path.abspath(d) for d in layers], out))
     return 0
+
+
+def serve_commands(model: str, layer_dirs: list, out: str) -> str:
+    """What to run next to serve each layer the demo wrote: `clm serve`, and the vLLM route (export, then serve)."""
+    import shlex
+
+    from clm_ext.sources import resolve_model
+
+    q = shlex.quote
+    lines = []
+    for layer in layer_dirs:
+        name = os.path.basename(layer)
+        served = os.path.join(out, f"vllm-{name}")
+        lines += [f"serve {name} with a per-request alpha (OpenAI API, http://127.0.0.1:8000/v1):",
+                  f"  clm serve --model {q(model)} --alignment {q(layer)}",
+                  "  or on vLLM (./run setup-vllm first):",
+                  f"  clm export-vllm --model {q(resolve_model(model))} --alignment {q(layer)} --out {q(served)}",
+                  f"  VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "
+                  f"{q(served)} --middleware clm_ext.vllm.middleware.AlphaMiddleware"]
+    return "\n".join(lines)

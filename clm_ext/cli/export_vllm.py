@@ -1,14 +1,18 @@
 """`clm export-vllm`: a model directory that `vllm serve` loads with the clm-ext plugin (clm_ext.vllm)."""
 from __future__ import annotations
 
+from ._checks import add_force_argument
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="the base model: a local Hugging Face directory (safetensors)")
-    parser.add_argument("--alignment", required=True, help="a layer written by clm_ext.save_alignment / clm train")
-    parser.add_argument("--out", required=True, help="the directory to write (refused if not empty, unless --force)")
+    parser.add_argument("--alignment", required=True,
+                        help="a layer written by clm_ext.save_alignment / clm train (linear or block, mode embed)")
+    parser.add_argument("--out", required=True, help="the directory to write: new or empty (or with --force, "
+                        "written into), apart from --model and --alignment")
     parser.add_argument("--default-alpha", type=float, default=1.0,
                         help="the alpha of a request that names none (default 1: the aligned model)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    add_force_argument(parser)
 
 
 def run(args) -> int:

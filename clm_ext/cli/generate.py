@@ -4,7 +4,8 @@ from __future__ import annotations
 import shutil
 import textwrap
 
-from ._checks import finite_float, nonempty_text, positive_float
+from . import UsageError
+from ._checks import finite_float, nonempty_text, positive_float, unit_interval
 from ._load import add_model_arguments, load_model
 
 
@@ -16,7 +17,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     parser.add_argument("--temperature", type=positive_float, default=1.0)
-    parser.add_argument("--top-p", type=positive_float, default=1.0)
+    parser.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling mass, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=int, help="total width in characters (default: the terminal's)")
     parser.add_argument("--no-chat-template", action="store_true",
@@ -43,7 +44,7 @@ def run(args) -> int:
 
     model, tokenizer = load_model(args, mode=args.mode)
     if tokenizer is None:
-        raise SystemExit(f"clm generate: no tokenizer found in {args.model}")
+        raise UsageError(f"--model {args.model}: no tokenizer found there")
     if not args.alignment:
         clm_ext.add_alignment_control(model, mode=args.mode or "embed")  # identity: every alpha is the base
     torch.manual_seed(args.seed)

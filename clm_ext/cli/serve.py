@@ -7,16 +7,21 @@ import sys
 from pathlib import Path
 
 from ..sources import DEFAULT_MODEL
+from . import UsageError
+from ._checks import check_device
 
-# The real demo's trained layer, served by default with the default model when the checkout has it.
-DEMO_LAYER = Path(__file__).resolve().parents[2] / "docs" / "demo" / "smollm2-layer"
+# The real demo's trained layers, served by default with the default model: the block layer (the one the demo
+# measured best) when the checkout has it, else the older linear layer.
+DEMO_DIR = Path(__file__).resolve().parents[2] / "docs" / "demo"
+DEMO_LAYERS = (DEMO_DIR / "smollm2-block-layer", DEMO_DIR / "smollm2-layer")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"a checkpoint directory, a .gguf file or a packaged model (default {DEFAULT_MODEL})")
-    parser.add_argument("--alignment", help="a trained layer (save_alignment / clm train); default: the demo's "
-                        "trained layer for the default model when present, else the identity (alpha has no effect)")
+    parser.add_argument("--alignment", help="a trained layer, linear or block (save_alignment / clm train), served in "
+                        "mode 'embed'; default: the demo's trained block layer for the default model (its linear layer "
+                        "if the block layer is absent), else the identity (alpha has no effect)")
     parser.add_argument("--served-model-name", help="the name clients send as 'model' (default: the --model name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -37,45 +42,57 @@ def _alpha_range(text: str) -> tuple:
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
-        raise SystemExit(f"clm serve: --alpha-range must be LOW,HIGH (two numbers), got {text!r}") from None
+        raise UsageError(f"--alpha-range must be LOW,HIGH (two numbers), got {text!r}") from None
     if not (math.isfinite(low) and math.isfinite(high) and low <= high):
-        raise SystemExit(f"clm serve: --alpha-range must be finite with LOW <= HIGH, got {text!r}")
+        raise UsageError(f"--alpha-range must be finite with LOW <= HIGH, got {text!r}")
     return low, high
 
 
 def _check_args(args) -> tuple:
     alpha_range = _alpha_range(args.alpha_range)
     if not (math.isfinite(args.alpha_default) and alpha_range[0] <= args.alpha_default <= alpha_range[1]):
-        raise SystemExit(f"clm serve: --alpha-default {args.alpha_default} is outside --alpha-range {args.alpha_range}")
+        raise UsageError(f"--alpha-default {args.alpha_default} is outside --alpha-range {args.alpha_range}")
     for name in ("max_queue", "max_batch_tokens", "cache_blocks", "page_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"clm serve: --{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0 <= args.port < 65536:
-        raise SystemExit(f"clm serve: --port must be in [0, 65535], got {args.port}")
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     with socket.socket() as s:  # fail before loading the model, not after
         try:
             s.bind((args.host, args.port))
         except OSError as e:
-            raise SystemExit(f"clm serve: cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+            raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
     return alpha_range
 
 
 def _alignment_dir(args):
     if args.alignment:
         if not Path(args.alignment).is_dir():
-            raise SystemExit(f"clm serve: --alignment {args.alignment} is not a directory")
+            raise UsageError(f"--alignment {args.alignment} is not a directory")
         return args.alignment
-    if args.model == DEFAULT_MODEL and DEMO_LAYER.is_dir():
-        return str(DEMO_LAYER)
+    if args.model == DEFAULT_MODEL:
+        return next((str(layer) for layer in DEMO_LAYERS if layer.is_dir()), None)
     return None
+
+
+def _describe_layer(model, directory) -> str:
+    """The start-up line's account of the layer served: which directory, which kind, which mode."""
+    from clm_ext.model import alignment_site, read_alignment_config
+
+    if directory is None:
+        return "identity (no trained layer: every alpha gives the base model)"
+    site = alignment_site(model)
+    saved = read_alignment_config(directory).get("mode")
+    trained = f", trained in mode {saved!r}" if saved != site.mode else ""
+    demo = " (the demo's layer)" if Path(directory) in DEMO_LAYERS else ""
+    return f"{directory}{demo}: layer {site.layer_kind!r} served in mode {site.mode!r}{trained}"
 
 
 def run(args) -> int:
     import asyncio
 
     import torch
-    import uvicorn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import clm_ext
@@ -85,7 +102,12 @@ def run(args) -> int:
     from clm_ext.serve.protocol import Limits
     from clm_ext.sources import ModelSourceError, resolve_model
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a server's log, and a start-up error, stay one line each
     alpha_range = _check_args(args)
+    if args.device:
+        check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     alignment = _alignment_dir(args)
@@ -94,26 +116,28 @@ def run(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     except (ModelSourceError, OSError, ValueError) as e:
-        raise SystemExit(f"clm serve: cannot load --model {args.model}: {e}".splitlines()[0]) from None
+        raise UsageError(f"cannot load --model {args.model}: {e}".splitlines()[0]) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     try:
-        if alignment:
-            clm_ext.load_alignment(model, alignment)
+        if alignment:  # mode 'embed' whatever the layer was trained in: one stream, one alpha per token
+            clm_ext.load_alignment(model, alignment, mode="embed")
         else:
             clm_ext.add_alignment_control(model)
         config = EngineConfig(max_queue=args.max_queue, page_size=args.page_size, num_blocks=args.cache_blocks,
                               max_batch_tokens=args.max_batch_tokens)
         engine = Engine(model, tokenizer, config)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"clm serve: {e}") from None
-    described = alignment or "identity (no trained layer: every alpha gives the base model)"
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
+    described = _describe_layer(model, alignment)
     name = args.served_model_name or (args.model if args.model == DEFAULT_MODEL else Path(args.model).name)
+    dials = clm_ext.model.alignment_site(model).dial_names
     limits = Limits(model_name=name, alpha_default=args.alpha_default, alpha_range=alpha_range,
-                    max_context=engine.max_context)
+                    max_context=engine.max_context, dials=None if dials is None else tuple(dials))
 
     async def warm_up():  # the engine's first request pays its set-up: do it before serving
-        async for _ in engine.generate(tokenizer("warm up")["input_ids"], RequestSpec(alpha=0.0), 2):
+        warm = RequestSpec(alpha=0.0 if dials is None else (0.0,) * len(dials))
+        async for _ in engine.generate(tokenizer("warm up")["input_ids"], warm, 2):
             pass
 
     asyncio.run(warm_up())
@@ -121,8 +145,25 @@ def run(args) -> int:
           f"{args.alpha_default:g}, range [{alpha_range[0]:g}, {alpha_range[1]:g}]; up to {engine.max_context} "
           f"tokens per request, --max-queue {args.max_queue}; http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
+    return serve_until_stopped(engine, create_app(engine, limits, described), args.host, args.port)
+
+
+def serve_until_stopped(engine, app, host: str, port: int) -> int:
+    """Serve until interrupted (exit 0) or until the generation engine dies (exit 1, one line on stderr): a
+    server whose engine is gone can only answer errors, so it exits for a supervisor to restart it."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    died = []
+
+    def on_death(reason: str) -> None:
+        died.append(reason)
+        print(f"clm serve: {reason}; exiting", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    engine.watch(on_death)
     try:
-        uvicorn.run(create_app(engine, limits, described), host=args.host, port=args.port, log_level="warning")
+        server.run()
     finally:
         engine.stop()
-    return 0
+    return 1 if died else 0

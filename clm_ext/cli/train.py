@@ -10,20 +10,21 @@ import json
 import os
 import sys
 
-from ._checks import add_force_argument, check_model_dir, check_out, finite_float, optimizer_name, positive_float
+from . import UsageError
+from ._checks import add_force_argument, check_model_dir, finite_float, optimizer_name, path_text, positive_float
 
-DEFAULT_LR = {"clm": 5e-4, "full": 5e-6, "lora": 5e-5}
+DEFAULT_LR = {"full": 5e-6, "lora": 5e-5}  # --method clm: the demo's rate for the layer (default_lr)
 SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="smollm2-135m-instruct, gemma3-270m, a model directory "
+    parser.add_argument("--model", type=path_text, required=True, help="smollm2-135m-instruct, gemma3-270m, a model directory "
                         "(save_pretrained) with its tokenizer, or a .gguf file")
-    parser.add_argument("--dataset", required=True, help="preference JSONL file or datasets save_to_disk directory")
-    parser.add_argument("--eval-dataset", help="optional held-out preferences, same formats")
-    parser.add_argument("--out", required=True, help="output directory: new, empty, or a previous result (with --force)")
+    parser.add_argument("--dataset", type=path_text, required=True, help="preference JSONL file or datasets save_to_disk directory")
+    parser.add_argument("--eval-dataset", type=path_text, help="optional held-out preferences, same formats")
+    parser.add_argument("--out", type=path_text, required=True, help="output directory: new, empty, or a previous result (with --force)")
     add_force_argument(parser)
-    parser.add_argument("--checkpoint-dir", help="trainer checkpoints (default: OUT-checkpoints)")
+    parser.add_argument("--checkpoint-dir", type=path_text, help="trainer checkpoints (default: OUT-checkpoints)")
     parser.add_argument("--method", choices=("clm", "full", "lora"), default="clm",
                         help="clm: the alignment layer only (default); full / lora: TRL baselines")
     parser.add_argument("--beta", type=positive_float, default=0.1, help="DPO beta (default 0.1)")
@@ -33,7 +34,8 @@ def add_arguments(parser):
     parser.add_argument("--epochs", type=positive_float, default=3.0,
                         help="training epochs (default 3: one pass over a few hundred pairs is too few steps for the layer)")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    parser.add_argument("--lr", type=positive_float, help=f"learning rate (default per method: {DEFAULT_LR})")
+    parser.add_argument("--lr", type=positive_float, help=f"learning rate (default: for --method clm the real demo's "
+                        f"rate for the --layer, DemoConfig.real().lr; otherwise per method, {DEFAULT_LR})")
     parser.add_argument("--optim", type=optimizer_name,
                         help="optimizer, a transformers name such as sgd or adamw_torch (default: TRL's, AdamW)")
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch of preference pairs")
@@ -42,19 +44,32 @@ def add_arguments(parser):
     parser.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
     parser.add_argument("--eval-steps", type=int,
                         help="evaluate every N steps (needs --eval-dataset; default: after each epoch)")
-    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+    parser.add_argument("--resume", type=path_text, nargs="?", const="latest", metavar="CHECKPOINT",
                         help="resume from the latest checkpoint in --checkpoint-dir, or from CHECKPOINT")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--precompute-ref-log-probs", action="store_true",
                         help="score the reference once before training instead of every step")
-    parser.add_argument("--layer", choices=("linear", "block"), default="linear",
-                        help="alignment layer kind for --method clm (default linear, see add_alignment_control)")
+    parser.add_argument("--layer", choices=("linear", "block"),
+                        help="alignment layer kind for --method clm (default block: the layer the demo measured best "
+                        "and the one clm serve serves by default; linear with --dial; see add_alignment_control)")
+    parser.add_argument("--dial", metavar="NAME",
+                        help="train one named dial (method clm, layer linear); OUT holds that dial alone, to load "
+                        "into a model with other dials: load_alignment(model, OUT, dial=NAME)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (method lora)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat-template", action="store_true",
                         help="train on plain-text rows as they are (default: when the tokenizer has a chat template, "
                         "a plain prompt becomes a user turn and each completion the assistant's reply)")
+
+
+def default_lr(method: str, layer: str) -> float:
+    """The learning rate of a run that sets none: for the CLM layer, the one the real demo trains that layer with."""
+    if method != "clm":
+        return DEFAULT_LR[method]
+    from clm_ext.demo.pipeline import DemoConfig
+
+    return DemoConfig.real().lr[f"clm/{layer}"]
 
 
 def run(args) -> int:
@@ -63,32 +78,33 @@ def run(args) -> int:
     from trl import DPOConfig
 
     import clm_ext
-    from clm_ext.checkpoints import CheckpointMismatchError
-    from clm_ext.preferences import PreferenceDataError, load_preferences
+    from clm_ext.checkpoints import CheckpointError
+    from clm_ext.preferences import load_preferences
+    from clm_ext.sources import resolve_model
     from clm_ext.train import default_lora_config, make_dpo_trainer
 
     if args.eval_steps is not None and args.eval_dataset is None:
-        raise SystemExit("--eval-steps needs --eval-dataset")
-    check_model_dir("train", args.model)
-    _check_out(args)
+        raise UsageError("--eval-steps needs --eval-dataset")
+    args.layer = args.layer or ("linear" if args.dial is not None else "block")
+    if args.dial is not None and (args.method != "clm" or args.layer != "linear"):
+        raise UsageError("--dial trains a named linear dial: it needs --method clm and --layer linear")
+    check_model_dir(args.model)
     checkpoints = args.checkpoint_dir or os.path.normpath(args.out) + "-checkpoints"
     resume = _resume_point(args.resume, checkpoints)
-    try:
-        train_dataset = load_preferences(args.dataset)
-        eval_dataset = load_preferences(args.eval_dataset) if args.eval_dataset else None
-    except (PreferenceDataError, FileNotFoundError) as e:
-        raise SystemExit(f"clm train: {e}") from None
-
-    from ._load import resolve_model_argument
-
-    model_dir = resolve_model_argument(args.model)
+    _check_out(args, resume)
+    train_dataset = load_preferences(args.dataset)
+    eval_dataset = load_preferences(args.eval_dataset) if args.eval_dataset else None
+    model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not args.no_chat_template and getattr(tokenizer, "chat_template", None):
         train_dataset = as_conversations(train_dataset)
         eval_dataset = as_conversations(eval_dataset) if eval_dataset is not None else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     if args.method == "clm":
-        clm_ext.add_alignment_control(model, layer=args.layer)
+        try:
+            clm_ext.add_alignment_control(model, layer=args.layer, dials=None if args.dial is None else [args.dial])
+        except ValueError as e:
+            raise UsageError(f"--dial: {e}") from None
     config = DPOConfig(
         output_dir=checkpoints,
         beta=args.beta,
@@ -97,7 +113,7 @@ def run(args) -> int:
         max_length=args.max_length,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
-        learning_rate=args.lr if args.lr is not None else DEFAULT_LR[args.method],
+        learning_rate=args.lr if args.lr is not None else default_lr(args.method, args.layer),
         **({"optim": args.optim} if args.optim else {}),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
@@ -116,23 +132,23 @@ def run(args) -> int:
         use_cpu=not torch.accelerator.is_available(),
     )
     extra = {"peft_config": default_lora_config(args.lora_r)} if args.method == "lora" else {}
+    if args.dial is not None:
+        extra["dial"] = args.dial
     trainer = make_dpo_trainer(args.method, model, config, train_dataset, tokenizer, eval_dataset, **extra)
     _check_truncation(args, train_dataset, trainer.train_dataset, "--dataset")
     if eval_dataset is not None:
         _check_truncation(args, eval_dataset, trainer.eval_dataset, "--eval-dataset")
     try:
         trainer.train(resume_from_checkpoint=resume)
-    except CheckpointMismatchError as e:
-        raise SystemExit(f"clm train: --resume: {e}") from None
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {e}") from None
 
     _save_result(trainer, args, tokenizer)
     if trainer.accelerator.is_main_process:
         history = trainer.state.log_history
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(history, f, indent=1)
-        last = next((h for h in reversed(history) if "loss" in h), {})
-        summary = ", ".join(f"{k} {last[k]:.4f}" for k in SUMMARY_KEYS if k in last)
-        print(f"clm train: {args.method} done after {trainer.state.global_step} steps; {summary}; wrote {args.out}")
+        print(f"clm train: {summary_line(args.method, trainer.state.global_step, history, args.out)}")
     # Under a launcher, destroy the process group before exit, as torch asks of a clean shutdown (the tests'
     # workers saw gloo/DeepSpeed threads abort at interpreter exit even after this: tests/test_train_distributed).
     trainer.accelerator.end_training()
@@ -149,21 +165,32 @@ def as_conversations(dataset):
                                     "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]})
 
 
-def _check_out(args) -> None:
-    """Before training: --out must take the result, and a previous result is replaced only with --force or
-    --resume (which continues the run that wrote it)."""
-    from clm_ext import storage
+def summary_line(method: str, steps: int, history: list, out: str) -> str:
+    """What the run ended on: the last logged loss and rewards, when any were logged."""
+    last = next((h for h in reversed(history) if "loss" in h), {})
+    parts = [f"{method} done after {steps} steps", ", ".join(f"{k} {last[k]:.4f}" for k in SUMMARY_KEYS if k in last),
+             f"wrote {out}"]
+    return "; ".join(p for p in parts if p)
 
+
+def _check_out(args, resume) -> None:
+    """Before training: --out and --checkpoint-dir stay apart from every input, and --out must take the result:
+    a previous result is replaced only with --force or --resume (which continues the run that wrote it)."""
+    from clm_ext import storage
+    from clm_ext.output_dirs import check_apart, check_output_dir
+
+    inputs = {"--model": args.model, "--dataset": args.dataset, "--eval-dataset": args.eval_dataset}
+    if args.checkpoint_dir:
+        check_apart(args.checkpoint_dir, inputs, "--checkpoint-dir")
+    inputs["--resume"] = resume
     replace = args.force or args.resume is not None
     if args.method != "clm":
-        check_out("train", args.out, replace)
+        check_output_dir(args.out, inputs, replace)
         return
-    try:
-        storage.check_target(args.out, "clm train: --out")
-    except FileExistsError as e:
-        raise SystemExit(str(e)) from None
+    check_apart(args.out, inputs)
+    storage.check_target(args.out, "--out")
     if os.path.isdir(args.out) and storage.CONFIG_NAME in os.listdir(args.out) and not replace:
-        raise SystemExit(f"clm train: --out {args.out} holds a saved alignment layer; pass --force to replace it "
+        raise UsageError(f"--out {args.out} holds a saved alignment layer; pass --force to replace it "
                          "(or --resume to continue the run that wrote it)")
 
 
@@ -173,7 +200,7 @@ def _check_truncation(args, rows, tokenized, flag: str) -> None:
     dropped = len(rows) - len(tokenized)
     path = getattr(args, flag[2:].replace("-", "_"))
     if dropped == len(rows):
-        raise SystemExit(f"clm train: every row of {flag} {path} has a prompt of --max-length {args.max_length} "
+        raise UsageError(f"every row of {flag} {path} has a prompt of --max-length {args.max_length} "
                          "tokens or more, which leaves no room for a completion; raise --max-length")
     if dropped:
         print(f"clm train: {dropped} of {len(rows)} rows of {flag} {path} dropped: their prompts fill "
@@ -181,22 +208,26 @@ def _check_truncation(args, rows, tokenized, flag: str) -> None:
 
 
 def _resume_point(resume, checkpoints):
-    """The checkpoint to resume from: the newest complete one for a bare --resume (a run killed while writing
-    checkpoint-N leaves it partial; it is skipped, and the choice printed)."""
-    from clm_ext.checkpoints import last_complete_checkpoint
+    """The checkpoint to resume from. A bare --resume takes the newest complete one (a run killed while writing
+    checkpoint-N leaves it partial; it is skipped, and the choice printed with the reason); a named one must be
+    complete."""
+    from clm_ext.checkpoints import incomplete_reason, last_complete_checkpoint
 
     if resume is None:
         return None
     if resume == "latest":
         last, partial = last_complete_checkpoint(checkpoints) if os.path.isdir(checkpoints) else (None, [])
-        skipped = f" (skipped partial {', '.join(map(os.path.basename, partial))}: no trainer_state.json)"
+        skipped = "; ".join(f"{os.path.basename(p)}: {incomplete_reason(p)}" for p in partial)
+        skipped = f" (skipped partial {skipped})" if partial else ""
         if last is None:
-            raise SystemExit(f"--resume: no complete checkpoint-* directory in {checkpoints}"
-                             f"{skipped if partial else ''}")
-        print(f"clm train: resuming from {last}{skipped if partial else ''}", flush=True)
+            raise UsageError(f"--resume: no complete checkpoint-* directory in {checkpoints}{skipped}")
+        print(f"clm train: resuming from {last}{skipped}", flush=True)
         return last
     if not os.path.isdir(resume):
-        raise SystemExit(f"--resume: checkpoint directory {resume!r} does not exist")
+        raise UsageError(f"--resume: checkpoint directory {resume!r} does not exist")
+    reason = incomplete_reason(resume)
+    if reason:
+        raise UsageError(f"--resume: {resume} is not a complete checkpoint: {reason}")
     return resume
 
 
@@ -209,7 +240,7 @@ def _save_result(trainer, args, tokenizer):
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(args.out)
     else:
-        clm_ext.save_alignment(trainer.accelerator.unwrap_model(trainer.model), args.out,
+        clm_ext.save_alignment(trainer.accelerator.unwrap_model(trainer.model), args.out, dial=args.dial,
                                is_main_process=trainer.accelerator.is_main_process)
 
 

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from tqdm.auto import tqdm
 
-import clm_ext
-
+from ..generation import chat_prompt
+from ..model import add_alignment_control, load_alignment, save_alignment
 from . import corpus, dpo, lm, pairs, report, requests, sampling, sweep
 from .judge import reward
 from .tokenizer import train_tokenizer
@@ -67,7 +67,7 @@ class DemoConfig:
 
     @classmethod
     def real(cls, quick: bool = False, **overrides) -> "DemoConfig":
-        """The real-model demo's sizes, planned to finish in 20 minutes on two CPU cores (README: time per stage)."""
+        """The real-model demo's sizes, planned to finish in 20 minutes on two CPU cores (docs/demo/README.md: Time)."""
         # The block layer, trained one epoch over 373 pairs, is what reached full DPO's held-out gain at alpha 1
         # (docs/demo/experiments): the linear layer and 103 pairs seen 2.5 times stopped at 71-75%.
         sizes = dict(pair_prompts=480, pair_samples=4, min_margin=0.4, eval_prompts=24, eval_samples=4,
@@ -133,7 +133,7 @@ def _load_real(cfg, model: str):
     """The base model (resolved to a local checkpoint: a name, a directory or a .gguf file) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clm_ext.sources import resolve_model
+    from ..sources import resolve_model
 
     model_dir = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -148,7 +148,7 @@ def _real_prompts(cfg, tokenizer) -> tuple:
     has one; returns (training prompts, evaluation prompts, rendered prompt -> request text)."""
     train = requests.make_requests(cfg.pair_prompts, "train", cfg.seed)
     held_out = requests.make_requests(cfg.eval_prompts, "eval", cfg.seed)
-    request_of = {clm_ext.chat_prompt(tokenizer, r): r for r in train + held_out}
+    request_of = {chat_prompt(tokenizer, r): r for r in train + held_out}
     by_request = {r: p for p, r in request_of.items()}
     return [by_request[r] for r in train], [by_request[r] for r in held_out], request_of
 
@@ -211,7 +211,7 @@ def run(cfg: DemoConfig, out_dir: str, model: str = None, dataset_path: str = No
 
     toy: the tiny model built here. Otherwise `model` (a packaged name, a checkpoint directory or a .gguf file;
     default smollm2-135m-instruct) is aligned on on-policy pairs, or on `dataset_path` when given."""
-    from clm_ext.sources import DEFAULT_MODEL
+    from ..sources import DEFAULT_MODEL
 
     if toy and (model is not None or dataset_path is not None):
         raise ValueError("--toy builds its own model and pairs: drop --model / --dataset, or drop --toy")
@@ -250,7 +250,7 @@ def run(cfg: DemoConfig, out_dir: str, model: str = None, dataset_path: str = No
         pairs.write_jsonl(rows, os.path.join(out_dir, "pairs.jsonl"))
         dataset = datasets.Dataset.from_list(rows)
     else:
-        from clm_ext.preferences import load_preferences
+        from ..preferences import load_preferences
 
         dataset = load_preferences(dataset_path)
     results["pairs"] = len(dataset)
@@ -309,15 +309,15 @@ def _run_variants(cfg, variants, base, tokenizer, dataset, eval_prompts, out_dir
     """Train one CLM layer per layer kind, then sweep alpha for each of its variants (merge modes)."""
     results = {}
     for layer in dict.fromkeys(layer for layer, _ in variants):
-        model = clm_ext.add_alignment_control(copy.deepcopy(base), mode="embed", layer=layer)
+        model = add_alignment_control(copy.deepcopy(base), mode="embed", layer=layer)
         trained = _train(cfg, f"clm/{layer}", model, tokenizer, dataset, stage, f"CLM {layer}")
         layer_dir = os.path.join(out_dir, f"alignment-{layer}")
-        clm_ext.save_alignment(trained.model, layer_dir)
+        save_alignment(trained.model, layer_dir)
         for v_layer, mode in variants:
             if v_layer != layer:
                 continue
             name = f"{layer}/{mode}"
-            served = trained.model if mode == "embed" else clm_ext.load_alignment(copy.deepcopy(base), layer_dir, mode=mode)
+            served = trained.model if mode == "embed" else load_alignment(copy.deepcopy(base), layer_dir, mode=mode)
             # CLMDPOTrainer trains in mode "embed"; at alpha 0 and 1 both modes are the same network, so
             # the logits variant serves the same trained layer (its training cost is the embed run's).
             results[name] = {"train": _train_info(trained), "layer_dir": layer_dir,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-import clm_ext
+from ..model import alignment_strength
 
 
 @dataclass
@@ -68,7 +68,7 @@ def sample(model, tokenizer, prompts: list, samples: int, seed: int, max_new_tok
         if alphas is None:
             new = _generate(model, tokenizer, chunk_prompts, noise_ids, seed, max_new_tokens, temperature)
         else:
-            with clm_ext.alignment_strength(model, [a for a, _, _ in chunk]):
+            with alignment_strength(model, [a for a, _, _ in chunk]):
                 new = _generate(model, tokenizer, chunk_prompts, noise_ids, seed, max_new_tokens, temperature)
         out.seconds += time.perf_counter() - begin
         out.new_tokens += int((new != tokenizer.pad_token_id).sum())

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from contextlib import aclosing
 from typing import Optional
 
@@ -14,8 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .batch_hooks import RequestSpec
-from .engine import Engine, QueueFull
-from .protocol import BadRequest, Limits, Parsed, check_length, parse_request
+from .engine import Admission, Engine, QueueFull
+from .protocol import BadRequest, Limits, Parsed, check_length, parse_body, parse_request
 
 
 def error_response(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
@@ -46,7 +47,7 @@ def create_app(engine: Engine, limits: Limits, alignment: str = "identity") -> F
         return {"object": "list", "data": [{
             "id": limits.model_name, "object": "model", "created": started, "owned_by": "clm-ext",
             "alignment": alignment, "alpha_default": limits.alpha_default, "alpha_range": list(limits.alpha_range),
-            "max_model_len": limits.max_context,
+            "max_model_len": limits.max_context, **({"dials": list(limits.dials)} if limits.dials else {}),
         }]}
 
     @app.post("/v1/completions")
@@ -59,24 +60,26 @@ def create_app(engine: Engine, limits: Limits, alignment: str = "identity") -> F
 
     async def _serve(request: Request, chat: bool):
         try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw)
-            except ValueError as e:
-                raise BadRequest(f"malformed JSON body: {e}") from None
+            body = parse_body(await request.body())
             parsed = parse_request(body, limits, chat)
             prompt_ids = _prompt_ids(tokenizer, parsed)
             check_length(len(prompt_ids), parsed.max_tokens, limits, "messages" if chat else "prompt")
         except BadRequest as e:
             return error_response(e.status, e.message, e.param)
+        try:  # count the request in flight first, then decide: a stream holds its place before it starts
+            admission = engine.admit()
+        except QueueFull as e:
+            return error_response(429, f"server busy: {e}; retry later")
         spec = RequestSpec(parsed.alpha, parsed.temperature, parsed.top_p, parsed.seed)
-        run = _Run(engine, tokenizer, prompt_ids, parsed, spec, chat, limits.model_name)
-        if engine.in_flight >= engine.config.max_queue:
-            return error_response(429, f"server busy: {engine.in_flight} requests in flight (--max-queue "
-                                       f"{engine.config.max_queue}); retry later")
+        run = _Run(engine, tokenizer, prompt_ids, parsed, spec, chat, limits.model_name, admission)
         if parsed.stream:
-            return StreamingResponse(run.sse(), media_type="text/event-stream")
-        return await run.respond(request)
+            events = run.sse()
+            weakref.finalize(events, admission.release)  # a stream dropped before its first event
+            return StreamingResponse(events, media_type="text/event-stream")
+        try:
+            return await run.respond(request)
+        finally:
+            admission.release()
 
     return app
 
@@ -93,17 +96,25 @@ def _prompt_ids(tokenizer, parsed: Parsed) -> list:
 class _Run:
     """One request through the engine: text so far, stop strings, finish reason, OpenAI-shaped output."""
 
-    def __init__(self, engine, tokenizer, prompt_ids, parsed: Parsed, spec, chat: bool, model_name: str):
+    def __init__(self, engine, tokenizer, prompt_ids, parsed: Parsed, spec, chat: bool, model_name: str,
+                 admission: Admission):
         self.engine, self.tokenizer, self.prompt_ids, self.parsed, self.spec = engine, tokenizer, prompt_ids, parsed, spec
+        self.admission = admission
         self.chat, self.model_name = chat, model_name
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.text, self.tokens, self.finish_reason = "", [], None
 
+    def _alpha(self):
+        """The request's alpha as the client sent it: a number, or {dial: value} for named dials."""
+        dials = self.engine.hooks.site.dial_names
+        return self.spec.alpha if dials is None else dict(zip(dials, self.spec.alpha))
+
     async def _steps(self):
         """Yield the text added by each engine step; sets finish_reason when done."""
         stream = self.parsed.stream or bool(self.parsed.stop)
-        async with aclosing(self.engine.generate(self.prompt_ids, self.spec, self.parsed.max_tokens, stream)) as steps:
+        steps = self.engine.generate(self.prompt_ids, self.spec, self.parsed.max_tokens, stream, self.admission)
+        async with aclosing(steps) as steps:
             async for step in steps:
                 if step.error:
                     raise RuntimeError(f"generation failed: {step.error}")
@@ -142,17 +153,14 @@ class _Run:
             if not work.done() and await request.is_disconnected():
                 work.cancel()  # closes the engine generator: the request is cancelled there
                 return error_response(499, "client disconnected")
-        try:
-            work.result()
-        except QueueFull as e:
-            return error_response(429, f"server busy: {e}; retry later")
+        work.result()
         choice = {"index": 0, "finish_reason": self.finish_reason, "logprobs": None}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": self.text}
         else:
             choice["text"] = self.text
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.model_name, "choices": [choice], "usage": self._usage(), "alpha": self.spec.alpha}
+                "model": self.model_name, "choices": [choice], "usage": self._usage(), "alpha": self._alpha()}
 
     def _chunk(self, delta: Optional[str], finish_reason=None, role: bool = False) -> str:
         if self.chat:
@@ -163,7 +171,7 @@ class _Run:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
             kind = "text_completion"
         payload = {"id": self.id, "object": kind, "created": self.created, "model": self.model_name,
-                   "choices": [choice], "alpha": self.spec.alpha}
+                   "choices": [choice], "alpha": self._alpha()}
         return f"data: {json.dumps(payload)}\n\n"
 
     async def sse(self):
@@ -177,10 +185,10 @@ class _Run:
                     if delta:
                         yield self._chunk(delta)
             yield self._chunk(None if self.chat else "", self.finish_reason)
-        except QueueFull as e:
-            yield f"data: {json.dumps({'error': {'message': f'server busy: {e}', 'code': 429}})}\n\n"
         except RuntimeError as e:
             yield f"data: {json.dumps({'error': {'message': str(e), 'code': 500}})}\n\n"
+        finally:
+            self.admission.release()
         yield "data: [DONE]\n\n"
 
 

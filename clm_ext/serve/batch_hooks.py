@@ -2,9 +2,11 @@
 
 The engine packs the tokens of every scheduled request into one row `[1, T]`; `cu_seq_lens_q` marks where
 each request's tokens start, in the order of the batch processor's `requests_in_batch`. A forward pre-hook
-on the causal LM reads both and hands the alignment layer one alpha per token; a forward hook samples the
-rows of requests that asked for sampling with their own generator (temperature, top_p, seed) and leaves
-the engine's argmax to pick that token, so greedy and sampled requests share a batch.
+on the causal LM reads both and hands the alignment site (the linear layer or the block) one alpha per
+token; a forward hook samples the rows of requests that asked for sampling, all in one batched step with
+each request's own temperature, top_p and generator (clm_ext.serve.sampling), and leaves the engine's argmax
+to pick that token, so greedy and sampled requests share a batch. A request whose sampling fails is failed
+alone (its `RequestSpec.fail`); the engine keeps running.
 
 Internals of transformers read here (tests/test_serve.py checks them, so an upgrade fails a test, not a
 request): `manager.batch_processor.inputs_and_outputs.requests_in_batch` (FutureRequestState: `.state.
@@ -15,31 +17,48 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
-from torch import Tensor
+
+from ..generation import is_greedy
+from .sampling import draw_uniform, sample_rows
 
 CHILD_SEPARATOR = "__child#"
 
 
 @dataclass
 class RequestSpec:
-    """What one request asked for: its alpha and how to pick its tokens (temperature 0 is greedy)."""
+    """What one request asked for: its alpha and how to pick its tokens (below GREEDY_BELOW: greedy).
 
-    alpha: float
+    `fail(message)`, set by the engine, ends this request with an error; `failed` then skips its sampling.
+    """
+
+    alpha: Union[float, tuple]  # with named dials: one value per dial, in the model's order
     temperature: float = 0.0
     top_p: float = 1.0
     seed: Optional[int] = None
     generator: Optional[torch.Generator] = field(default=None, repr=False)
+    fail: Optional[Callable[[str], None]] = field(default=None, repr=False)
+    failed: bool = False
 
     def __post_init__(self):
-        if self.temperature > 0:
+        if self.samples:
             self.generator = torch.Generator()
             if self.seed is not None:
                 self.generator.manual_seed(self.seed)
             else:
                 self.generator.seed()
+
+    @property
+    def samples(self) -> bool:
+        return not is_greedy(self.temperature)
+
+    def fail_request(self, message: str) -> None:
+        if not self.failed:
+            self.failed = True
+            if self.fail is not None:
+                self.fail(message)
 
 
 class RequestTable:
@@ -120,44 +139,57 @@ class BatchHooks:
         if len(bounds) < len(requests) + 1:
             raise RuntimeError(f"clm serve: {len(requests)} requests in the batch but cu_seq_lens_q has {len(bounds)} entries")
         specs = self.table.lookup([fs.state.request_id for fs in requests])
-        alpha = torch.zeros(kwargs["input_ids"].numel(), dtype=torch.float32)
-        for i, (fs, spec) in enumerate(zip(requests, specs)):
-            start, end = bounds[i], bounds[i + 1]
-            if end - start != fs.query_length:
-                raise RuntimeError(
-                    f"clm serve: request {fs.state.request_id} has {fs.query_length} query tokens but "
-                    f"cu_seq_lens_q gives {end - start}: the engine packs batches differently than expected"
-                )
-            alpha[start:end] = spec.alpha
+        lengths = [fs.query_length for fs in requests]
+        if bounds[len(requests)] != sum(lengths) or any(b - a != n for a, b, n in zip(bounds, bounds[1:], lengths)):
+            raise RuntimeError(
+                f"clm serve: query lengths {lengths} do not match cu_seq_lens_q {bounds}: the engine packs "
+                "batches differently than expected"
+            )
+        alpha = torch.repeat_interleave(torch.tensor([spec.alpha for spec in specs], dtype=torch.float32),
+                                        torch.tensor(lengths), dim=0)
+        padding = kwargs["input_ids"].numel() - alpha.shape[0]
+        if padding > 0:  # tokens after the last request: alpha 0
+            alpha = torch.cat([alpha, alpha.new_zeros((padding, *alpha.shape[1:]))])
         self.site.set_token_alpha(alpha)
         self.mixed_forwards += len({spec.alpha for spec in specs}) > 1
         self._batch = [(fs, spec) for fs, spec in zip(requests, specs) if fs.has_new_token]
         return None
 
     def _sample(self, model, args, kwargs, output):
-        sampled = [(row, spec) for row, (_, spec) in enumerate(self._batch) if spec.temperature > 0]
+        sampled = [(row, spec) for row, (_, spec) in enumerate(self._batch) if spec.samples and not spec.failed]
         self._batch = []
         if not sampled:
             return None
         logits = output.logits  # [1, rows or T, V]
         if "logits_to_keep" in kwargs:
-            rows = torch.arange(logits.shape[1])
+            positions = torch.tensor([row for row, _ in sampled], device=logits.device)
         else:
-            rows = kwargs["logits_indices"]
-        for row, spec in sampled:
-            position = int(rows[row])
-            token = _sample_token(logits[0, position].float(), spec)
-            chosen = torch.full_like(logits[0, position], float("-inf"))
-            chosen[token] = 0.0
-            logits[0, position] = chosen  # the engine's argmax now picks the sampled token
+            positions = kwargs["logits_indices"][[row for row, _ in sampled]].to(logits.device)
+        specs = [spec for _, spec in sampled]
+        try:
+            tokens, ok = _sample_specs(logits[0, positions], specs)
+        except Exception:  # find the request(s) at fault, sample the others, fail those alone
+            tokens, ok = [], []
+            for position, spec in zip(positions.tolist(), specs):
+                try:
+                    token, good = _sample_specs(logits[0, position:position + 1], [spec])
+                except Exception as e:
+                    token, good = torch.zeros(1, dtype=torch.long, device=logits.device), torch.tensor([False])
+                    spec.fail_request(f"sampling failed: {type(e).__name__}: {e}")
+                tokens.append(token)
+                ok.append(good.to(logits.device))
+            tokens, ok = torch.cat(tokens), torch.cat(ok)
+        if not bool(ok.all()):
+            for spec, good in zip(specs, ok.tolist()):
+                if not good:
+                    spec.fail_request("the model's logits for this request are not finite: cannot sample")
+        # The engine's argmax now picks each sampled token (an infinite logit: one write per row, not a row).
+        logits[0, positions, tokens.to(logits.device)] = float("inf")
         return output
 
 
-def _sample_token(logits: Tensor, spec: RequestSpec) -> int:
-    probs = torch.softmax(logits / spec.temperature, dim=-1)
-    if spec.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < spec.top_p  # the smallest set reaching top_p
-        keep[0] = True
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs * keep)
-    return int(torch.multinomial(probs, 1, generator=spec.generator))
+def _sample_specs(logits, specs: list) -> tuple:
+    """sample_rows for these requests' rows, with their temperatures, top_ps and generators."""
+    temperature = torch.tensor([spec.temperature for spec in specs], dtype=torch.float32)
+    top_p = torch.tensor([spec.top_p for spec in specs], dtype=torch.float32)
+    return sample_rows(logits, temperature, top_p, draw_uniform([spec.generator for spec in specs]))

@@ -1,20 +1,25 @@
 """The serving engine: transformers' continuous batching with the dial turned per request.
 
 One `ContinuousBatchingManager` (paged KV cache, chunked prefill, its own generation thread) runs every
-request; `BatchHooks` give each token its request's alpha and sample per request. Block (prefix) sharing is
-off: the KV cache depends on alpha, and the engine keys shared blocks on tokens only, so two requests with
-one prompt and different alphas would otherwise share keys and values computed at the wrong alpha.
+request; `BatchHooks` give each token its request's alpha and sample per request. The alignment site is the
+linear layer or the block, in mode 'embed'; the block's attention gets its own layer in the paged cache (one
+more than the model has), as it gets its own slot in `generate`'s cache. Block (prefix) sharing is off: the
+KV cache depends on alpha, and the engine keys shared blocks on tokens only, so two requests with one prompt
+and different alphas would otherwise share keys and values computed at the wrong alpha.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
+import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
-from ..layer import AlignedEmbedding
+from ..layer import AlignedEmbedding, AlignmentBlock
 from ..model import alignment_site
+from ..versions import SERVE_TRANSFORMERS, require
 from .batch_hooks import BatchHooks, RequestSpec, RequestTable
 
 
@@ -45,17 +50,17 @@ class Engine:
     """Submit token ids with a RequestSpec; iterate over Steps. Thread-safe submission from one event loop."""
 
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+        require("transformers", SERVE_TRANSFORMERS, "clm serve")
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         site = alignment_site(model)
-        if not isinstance(site, AlignedEmbedding) or site.mode != "embed":
+        if not isinstance(site, (AlignedEmbedding, AlignmentBlock)) or site.mode != "embed":
             kind = "none" if site is None else f"layer={site.layer_kind!r}, mode={site.mode!r}"
             raise ValueError(
-                f"clm serve serves the linear alignment layer in mode 'embed' (one alpha per token in the paged "
-                f"engine); this model has {kind}. The block layer needs its own cache slot and mode 'logits' two "
-                "streams per request, which the paged engine cannot hold: load the layer with mode='embed', or "
-                "use clm_ext.generate for those."
+                f"clm serve serves an alignment layer (linear or block) in mode 'embed' (one alpha per token in "
+                f"the paged engine); this model has {kind}. Mode 'logits' runs two streams per request, which the "
+                "paged engine cannot hold: load the layer with mode='embed', or use clm_ext.generate for it."
             )
         self.model, self.tokenizer, self.config = model, tokenizer, config
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
@@ -77,13 +82,20 @@ class Engine:
         self.table = RequestTable()
         self.manager = model.init_continuous_batching(generation_config=generation_config,
                                                       continuous_batching_config=cb_config)
+        if isinstance(site, AlignmentBlock):
+            _cache_layer_for_block(self.manager, model, site)
         self.hooks = BatchHooks(model, site, self.manager, self.table)
         self.max_context = min(config.num_blocks * config.page_size,
                                getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9)
         self._ids = itertools.count()
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self.manager.start()
+        while self.manager.batch_processor is None and self.manager.is_running():
+            time.sleep(0.01)  # the cache exists (and the config is the model's again) when __init__ returns
+        if not self.healthy():
+            raise RuntimeError(f"clm serve: the generation engine failed to start: {self.fatal_error()}")
 
     @property
     def in_flight(self) -> int:
@@ -97,20 +109,55 @@ class Engine:
         processor = self.manager.batch_processor
         return bool(processor is not None and processor.cache.use_prefix_sharing)
 
+    def fatal_error(self) -> Optional[BaseException]:
+        """What stopped the generation thread (None while it runs or after a requested stop)."""
+        return self.manager.background_thread_status.fatal_error
+
+    def watch(self, on_death: Callable[[str], None], interval: float = 0.5) -> threading.Thread:
+        """Call on_death(reason) from a daemon thread if the generation thread dies before stop(): requests
+        can then never finish, so the server should exit (non-zero) for a supervisor to restart it."""
+
+        def run():
+            while not self._stopping.wait(interval):
+                if not self.healthy():
+                    error = self.fatal_error()
+                    on_death("the generation thread stopped" + (f": {type(error).__name__}: {error}" if error else ""))
+                    return
+
+        thread = threading.Thread(target=run, name="clm-serve-engine-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def admit(self) -> "Admission":
+        """A place among the --max-queue requests in flight, taken before the request is answered (streams
+        included); QueueFull when there is none. The place is given back by generate() or release()."""
+        with self._lock:
+            if self._in_flight >= self.config.max_queue:
+                raise QueueFull(f"{self._in_flight} requests in flight (--max-queue {self.config.max_queue})")
+            self._in_flight += 1
+        return Admission(self)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
     def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
         self.hooks.remove()
         self.manager.stop(block=True, timeout=10)
         self.manager.destroy()
 
     async def generate(self, prompt_ids: list, spec: RequestSpec, max_new_tokens: int,
-                       stream: bool = False) -> AsyncIterator[Step]:
-        """Yield Steps (every token when stream, else only the last); cancel the request if abandoned."""
-        with self._lock:
-            if self._in_flight >= self.config.max_queue:
-                raise QueueFull(f"{self._in_flight} requests in flight (--max-queue {self.config.max_queue})")
-            self._in_flight += 1
+                       stream: bool = False, admission: Optional["Admission"] = None) -> AsyncIterator[Step]:
+        """Yield Steps (every token when stream, else only the last); cancel the request if abandoned. Takes a
+        place in the queue (QueueFull) unless given the `admission` of one taken before; gives it back."""
+        admission = admission or self.admit()
         request_id = f"clm_{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        spec.fail = lambda message: loop.call_soon_threadsafe(queue.put_nowait, _Failed(message))
         finished = False
         try:
             self.table.add(request_id, spec)
@@ -119,18 +166,71 @@ class Engine:
                                                  streaming=stream, eos_token_id=self.eos_token_id)
             if submitted is None:
                 raise RuntimeError("the generation engine is not accepting requests (it stopped)")
+            tokens: list = []
             while not finished:
                 output = await queue.get()
+                if isinstance(output, _Failed):  # this request alone failed: leave it (cancelled below)
+                    yield Step(tokens, True, output.message)
+                    return
                 finished = output.is_finished()
                 error = output.error if output.status.name == "FAILED" else None
-                yield Step(list(output.generated_tokens), finished, error)
+                tokens = list(output.generated_tokens)
+                yield Step(tokens, finished, error)
         finally:
             if finished:
                 self.table.finish(request_id)
-            else:  # the caller went away (client disconnect, stop string): free the engine's slot
+            else:  # the caller went away (client disconnect, stop string) or the request failed: free its slot
                 self.table.cancel(request_id)
                 self.manager.cancel_request(request_id)
                 with self.manager.output_router._lock:
                     self.manager.output_router.result_handlers.pop(request_id, None)
-            with self._lock:
-                self._in_flight -= 1
+            admission.release()
+
+
+class Admission:
+    """One place among the requests in flight; release() gives it back (once, whoever calls it first)."""
+
+    def __init__(self, engine: Engine):
+        self._engine, self._held, self._lock = engine, True, threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._engine._leave()
+
+
+@dataclass
+class _Failed:
+    message: str
+
+
+def _cache_layer_for_block(manager, model, site: AlignmentBlock) -> None:
+    """Give the block's attention its own layer in the paged cache (index site.cache_index, after the model's
+    last): the manager sizes the cache from the text config, which counts the model's layers only. The
+    config says one layer more while the generation thread builds the cache, and is restored right after."""
+    config = model.config.get_text_config()
+    if site.cache_index != config.num_hidden_layers:
+        raise ValueError(f"the alignment block's cache slot is {site.cache_index}, expected the model's layer "
+                         f"count {config.num_hidden_layers}")
+    create = manager._create_batch_processor
+
+    def create_with_block_layer():
+        with _one_more_layer(config):
+            return create()
+
+    manager._create_batch_processor = create_with_block_layer
+
+
+@contextlib.contextmanager
+def _one_more_layer(config):
+    layers, types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    config.num_hidden_layers = layers + 1
+    if types is not None:
+        config.layer_types = [*types, types[0]]  # the block is a copy of block 0: its attention type too
+    try:
+        yield
+    finally:
+        config.num_hidden_layers = layers
+        if types is not None:
+            config.layer_types = types

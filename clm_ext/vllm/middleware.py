@@ -11,24 +11,9 @@ from __future__ import annotations
 
 import json
 
-from ..vllm_export import check_alpha
+from ..alpha import AlphaError, alpha_from_request
 
 PATHS = ("/v1/completions", "/v1/chat/completions")
-
-
-class AlphaError(ValueError):
-    """A bad alpha in a request; `param` is the field to name in the 400."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def _checked(value, param: str) -> float:
-    try:
-        return check_alpha(value, param)
-    except ValueError as err:
-        raise AlphaError(param, str(err)) from None
 
 
 def rewrite(body: bytes) -> bytes:
@@ -40,17 +25,11 @@ def rewrite(body: bytes) -> bytes:
         return body
     if not isinstance(request, dict):
         return body
-    xargs = request.get("vllm_xargs")
-    if isinstance(xargs, dict) and "alpha" in xargs:
-        _checked(xargs["alpha"], "vllm_xargs.alpha")
+    alpha = alpha_from_request(request)
     if "alpha" not in request:
         return body
-    alpha = _checked(request.pop("alpha"), "alpha")
-    xargs = dict(xargs) if isinstance(xargs, dict) else {}
-    if "alpha" in xargs and float(xargs["alpha"]) != alpha:
-        raise AlphaError("alpha", f"alpha ({alpha}) and vllm_xargs.alpha ({xargs['alpha']}) disagree; send one of them")
-    xargs["alpha"] = alpha
-    request["vllm_xargs"] = xargs
+    del request["alpha"]
+    request["vllm_xargs"] = {**(request.get("vllm_xargs") or {}), "alpha": alpha}
     return json.dumps(request).encode()
 
 

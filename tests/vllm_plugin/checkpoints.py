@@ -1,6 +1,7 @@
 """Tiny random checkpoints for the vLLM plugin tests (they need .venv-vllm: `./run test-vllm`; each test
-module skips itself without vLLM): a base model with a tokenizer, a trained-looking alignment layer
-(identity plus noise), the exported directory, and the `exported` fixture. Nothing is downloaded.
+module skips itself without vLLM): a base model with a tokenizer, a trained-looking alignment layer of
+each kind (linear, block: identity plus noise), the exported directory, and the `exported` fixture.
+Nothing is downloaded.
 
 vLLM runs in the test process (VLLM_ENABLE_V1_MULTIPROCESSING=0), with a 1 GiB KV cache, so the tests can
 reach the engine's hooks and the machine's shared memory is spared. (No conftest.py here: a second
@@ -45,23 +46,28 @@ def base_model(arch: str, seed: int = 0):
     return tf.AutoModelForCausalLM.from_config(config).eval()
 
 
-def perturb_layer(model, scale: float = 0.3, seed: int = 1) -> None:
+# Noise added to every parameter of the layer. The linear layer starts at W = I; the block starts as a copy of
+# decoder layer 0 (weights of std 0.02) whose output projections are zero, so its noise is of that size.
+PERTURBATION = {"linear": 0.3, "block": 0.05}
+LAYERS = tuple(PERTURBATION)
+
+
+def perturb_layer(model, scale: float, seed: int = 1) -> None:
     """Make the layer far from the identity, so every alpha gives visibly different outputs."""
     g = torch.Generator().manual_seed(seed)
-    layer = clm_ext.model.alignment_layer(model)
     with torch.no_grad():
-        layer.weight.add_(scale * torch.randn(layer.weight.shape, generator=g))
-        layer.bias.add_(scale * torch.randn(layer.bias.shape, generator=g))
+        for p in clm_ext.model.alignment_parameters(model):
+            p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-def make(root: str, arch: str = "llama") -> dict:
+def make(root: str, arch: str = "llama", layer: str = "linear") -> dict:
     """Write base/, alignment/ and exported/ under `root`; return their paths and the wrapped HF model."""
     paths = {k: os.path.join(root, k) for k in ("base", "alignment", "exported")}
     model = base_model(arch)
     model.save_pretrained(paths["base"])
     tokenizer().save_pretrained(paths["base"])
-    clm_ext.add_alignment_control(model)
-    perturb_layer(model)
+    clm_ext.add_alignment_control(model, layer=layer)
+    perturb_layer(model, PERTURBATION[layer])
     clm_ext.save_alignment(model, paths["alignment"])
     export_for_vllm(paths["base"], paths["alignment"], paths["exported"])
     return {**paths, "model": model}
@@ -69,5 +75,7 @@ def make(root: str, arch: str = "llama") -> dict:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """arch -> {"base", "alignment", "exported", "model"} (tiny random Llama and tied-embedding Qwen2)."""
-    return {arch: make(str(tmp_path_factory.mktemp(arch)), arch) for arch in ("llama", "qwen2")}
+    """layer -> arch -> {"base", "alignment", "exported", "model"} (tiny random Llama and tied-embedding
+    Qwen2, each with a linear and a block layer)."""
+    return {layer: {arch: make(str(tmp_path_factory.mktemp(f"{layer}-{arch}")), arch, layer)
+                    for arch in ("llama", "qwen2")} for layer in LAYERS}

@@ -1,10 +1,15 @@
-"""The plugin inside vLLM's offline engine (V1 model runner, CPU): mixed per-request alphas equal HF +
-clm-ext token for token and log-prob for log-prob, chunked prefill included; the prefix cache never mixes
-alphas; a bad alpha is refused; a forward whose alphas were not written raises."""
+"""The plugin inside vLLM's offline engine (V1 model runner, CPU), for the linear and the block layer:
+mixed per-request alphas equal HF + clm-ext token for token and log-prob for log-prob, chunked prefill
+included; the prefix cache never mixes alphas; a bad alpha is refused; a forward whose alphas were not
+written raises; a block layer made for another model is refused at start-up."""
+import json
 import math
+import shutil
+import subprocess
+import sys
 
 import pytest
-from checkpoints import exported  # noqa: F401  (the fixture; sets vLLM's environment first)
+from checkpoints import LAYERS, exported  # noqa: F401  (the fixture; sets vLLM's environment first)
 
 vllm = pytest.importorskip("vllm", reason="needs vLLM: ./run test-vllm")
 import torch  # noqa: E402
@@ -28,15 +33,22 @@ def _engine(path, **kwargs):
                max_num_seqs=8, seed=0, **kwargs)
 
 
+@pytest.fixture(scope="module", params=LAYERS)
+def layer(request):
+    """The layer kind the engines serve; pytest runs every test of one kind before starting the next
+    kind's engines (module scope), so two engines live at a time."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def llama(exported):
+def llama(exported, layer):
     # vLLM's default compilation (torch.compile of the model) on the Llama engine, eager on the Qwen2 one.
-    return _engine(exported["llama"]["exported"], enable_prefix_caching=True)
+    return _engine(exported[layer]["llama"]["exported"], enable_prefix_caching=True)
 
 
 @pytest.fixture(scope="module")
-def qwen2(exported):
-    return _engine(exported["qwen2"]["exported"], enforce_eager=True)
+def qwen2(exported, layer):
+    return _engine(exported[layer]["qwen2"]["exported"], enforce_eager=True)
 
 
 def _hf_logprobs(model, alpha, ids):
@@ -55,8 +67,8 @@ def _hf_greedy(model, alpha, prompt, n):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_mixed_alphas_in_one_batch_equal_hf(arch, exported, request):
-    llm, model = request.getfixturevalue(arch), exported[arch]["model"]
+def test_mixed_alphas_in_one_batch_equal_hf(arch, exported, layer, request):
+    llm, model = request.getfixturevalue(arch), exported[layer][arch]["model"]
     prompts = _prompts(len(ALPHAS))
     params = [SamplingParams(max_tokens=8, temperature=0, logprobs=0, extra_args={"alpha": a}) for a in ALPHAS]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
@@ -71,10 +83,21 @@ def test_mixed_alphas_in_one_batch_equal_hf(arch, exported, request):
     assert max(abs(x - y) for x, y in zip(a0, a1)) > 100 * LOGPROB_TOL
 
 
-def test_request_without_alpha_gets_the_checkpoints_default(exported, qwen2):
+def test_request_without_alpha_gets_the_checkpoints_default(exported, layer, qwen2):
     prompt = _prompts(1, seed=3)[0]
     out = qwen2.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=6, temperature=0))[0]
-    assert list(out.outputs[0].token_ids) == _hf_greedy(exported["qwen2"]["model"], 1.0, prompt, 6)  # export default
+    assert list(out.outputs[0].token_ids) == _hf_greedy(exported[layer]["qwen2"]["model"], 1.0, prompt, 6)  # export default
+
+
+def test_the_kv_cache_has_one_layer_more_with_the_block(exported, layer, qwen2):
+    """vLLM counts the block's attention in its KV-cache config, as layer L after the model's L layers, and
+    gives it a cache of its own."""
+    runner = qwen2.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    names = [name for group in runner.kv_cache_config.kv_cache_groups for name in group.layer_names]
+    layers = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+    assert sorted(names) == layers + (["model.layers.2.self_attn.attn"] if layer == "block" else [])
+    context = runner.compilation_config.static_forward_context
+    assert len({context[name].kv_cache[0].data_ptr() for name in names}) == len(names)
 
 
 def _continuation(llm, prompt, alpha):
@@ -91,8 +114,8 @@ def _error_against_hf(model, alpha, prompt, tokens, logprobs):
     return max(abs(a - b) for a, b in zip(logprobs, want))
 
 
-def test_prefix_cache_never_serves_one_alphas_kv_to_another(exported, llama):
-    model, prompt = exported["llama"]["model"], _prompts(2, seed=5)[1]  # 90 tokens: 2 full blocks of 32
+def test_prefix_cache_never_serves_one_alphas_kv_to_another(exported, layer, llama):
+    model, prompt = exported[layer]["llama"]["model"], _prompts(2, seed=5)[1]  # 90 tokens: 2 full blocks of 32
     _continuation(llama, prompt, 0.0)  # fills the cache at alpha 0
     tokens, logprobs, cached = _continuation(llama, prompt, 1.0)
     assert cached == 0
@@ -103,13 +126,13 @@ def test_prefix_cache_never_serves_one_alphas_kv_to_another(exported, llama):
     assert _error_against_hf(model, 0.0, prompt, tokens, logprobs) < LOGPROB_TOL
 
 
-def test_without_the_salt_the_prefix_cache_would_mix_alphas(exported, llama, monkeypatch):
+def test_without_the_salt_the_prefix_cache_would_mix_alphas(exported, layer, llama, monkeypatch):
     """The trap the salt closes is real: with a salt that ignores alpha, a cached alpha-0 prefix is served
     to an alpha-1 request and its log-probs go wrong."""
     from clm_ext.vllm import hooks
 
     monkeypatch.setattr(hooks, "cache_salt", lambda alpha, salt: salt)
-    model, prompt = exported["llama"]["model"], _prompts(2, seed=7)[1]
+    model, prompt = exported[layer]["llama"]["model"], _prompts(2, seed=7)[1]
     _continuation(llama, prompt, 0.0)
     tokens, logprobs, cached = _continuation(llama, prompt, 1.0)
     assert cached >= 64
@@ -141,3 +164,26 @@ def _chain(exc):
     while exc is not None:
         yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+@pytest.mark.parametrize("key, value", [("num_key_value_heads", 2), ("model_type", "qwen2"), ("hidden_size", 64)])
+def test_a_block_layer_made_for_another_model_is_refused_at_start_up(exported, tmp_path, key, value):
+    """The exporter checks the pair; a directory edited (or assembled) by hand is checked again when vLLM
+    builds the model: one line naming both values."""
+    path = shutil.copytree(exported["block"]["llama"]["exported"], tmp_path / "edited")
+    config = json.loads((path / "config.json").read_text())
+    have = config["clm_alignment"]["block"][key]
+    config["clm_alignment"]["block"][key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception) as err:
+        _engine(str(path), enforce_eager=True)
+    message = f"the block layer was made for {key}={value!r}, the model has {key}={have!r}"
+    assert any(message in str(e) for e in _chain(err.value)), [str(e) for e in _chain(err.value)]
+
+
+def test_the_runtime_plugin_does_not_import_the_exporter():
+    """vLLM's processes load the plugin and the format it reads (clm_ext.vllm_format), not the exporter."""
+    code = ("import sys, clm_ext.vllm, clm_ext.vllm.models; clm_ext.vllm.register(); "
+            "print(sorted(m for m in sys.modules if m.startswith('clm_ext.vllm')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "clm_ext.vllm_format" in loaded and "clm_ext.vllm_export" not in loaded, loaded
