@@ -50,8 +50,9 @@ def dpo_config(output_dir: str, steps: int, batch_size: int, lr: float, beta: fl
     )
 
 
-def train(method: str, model, tokenizer, dataset, args, progress=None) -> DPOResult:
-    """Train `model` (wrapped beforehand for method "clm") with DPO; returns it with timings."""
+def train(method: str, model, tokenizer, dataset, args, progress=None, merge_lora: bool = True) -> DPOResult:
+    """Train `model` (wrapped beforehand for method "clm") with DPO; returns it with timings. A LoRA adapter is
+    merged into the weights unless `merge_lora` is False (then the PEFT model comes back, for scaling it)."""
     from clm_ext.train import make_dpo_trainer
 
     callbacks = [_Progress(progress)] if progress is not None else None
@@ -67,7 +68,7 @@ def train(method: str, model, tokenizer, dataset, args, progress=None) -> DPORes
     seconds = time.perf_counter() - begin
     steps = output.global_step
     trained = trainer.model
-    if method == "lora":
+    if method == "lora" and merge_lora:
         trained = trained.merge_and_unload()
     trained.eval()
     return DPOResult(

@@ -160,13 +160,14 @@ def _conversational(rows: list, request_of: dict) -> list:
              "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]} for row in rows]
 
 
-def _train(cfg, key, model, tokenizer, dataset, stage, name):
-    """DPO of one method; `key` names its learning rate and optimizer in cfg (clm/linear, clm/block, full, lora)."""
+def _train(cfg, key, model, tokenizer, dataset, stage, name, **train_kwargs):
+    """DPO of one method; `key` names its learning rate and optimizer in cfg (clm/linear, clm/block, full, lora);
+    `train_kwargs` go to `dpo.train`."""
     with stage(f"DPO {name}", cfg.dpo_steps) as bar, tempfile.TemporaryDirectory(prefix="clm-demo-") as tmp:
         args = dpo.dpo_config(tmp, cfg.dpo_steps, cfg.dpo_batch, cfg.lr[key], cfg.beta, cfg.seed, cfg.device,
                               max_length=cfg.max_length, optim=cfg.optim[key])
         torch.manual_seed(cfg.seed)  # LoRA's adapter initialisation
-        return dpo.train(key.partition("/")[0], model, tokenizer, dataset, args, progress=bar)
+        return dpo.train(key.partition("/")[0], model, tokenizer, dataset, args, progress=bar, **train_kwargs)
 
 
 def _train_info(result: dpo.DPOResult) -> dict:
