@@ -399,54 +399,18 @@ def test_clm_train_dial_writes_one_named_dial(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def served_dials(tmp_path_factory):
     """A `clm serve` subprocess on a tiny model with two named dials (one file of both), and a reference copy."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
+    from serve_helpers import running_server
 
     root = tmp_path_factory.mktemp("serve_dials")
-    model_dir, layer_dir = root / "model", root / "dials"
-    tiny_causal_lm("llama").save_pretrained(model_dir)
+    tiny_causal_lm("llama").save_pretrained(root / "model")
     tok = tiny_tokenizer()
-    tok.save_pretrained(model_dir)
+    tok.save_pretrained(root / "model")
     model = dial_model("llama", seed=30)
     for name in ("positive", "concise"):  # strong enough to change greedy completions
         perturb_(alignment_site(model).dial(name), 40 + len(name), scale=0.4)
-    clm_ext.save_alignment(model, layer_dir)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "clm_ext.cli", "serve", "--model", str(model_dir), "--alignment", str(layer_dir),
-           "--port", str(port), "--max-queue", "16", "--page-size", "16", "--cache-blocks", "64",
-           "--max-batch-tokens", "48", "--threads", "1", "--served-model-name", "tiny"]
-    log = open(root / "server.log", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"clm serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("clm serve did not answer /health within 180 s")
-        time.sleep(0.5)
-    try:
+    clm_ext.save_alignment(model, root / "layer")
+    with running_server(root) as (base, _, _):
         yield {"base": base, "model": model, "tok": tok}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.mark.serve
