@@ -118,18 +118,20 @@ def alpha_tensor(alpha, name: str = "alpha") -> Tensor:
     return alpha.detach().to(torch.float32)
 
 
-def expand_alpha(alpha: Tensor, rows: int) -> Tensor:
-    """One alpha per row. A per-sequence alpha of length B meeting k*B rows is repeated k times per
-    sequence (repeat_interleave), the way `generate` expands a batch for num_return_sequences and beams."""
-    if alpha.dim() == 0 or alpha.shape[0] == rows:
+def expand_alpha(alpha: Tensor, rows: int, dials: bool = False) -> Tensor:
+    """One alpha (with `dials`, one dial vector) per row. A per-sequence alpha of length B meeting k*B rows is
+    repeated k times per sequence (repeat_interleave), the way `generate` expands a batch for
+    num_return_sequences and beams."""
+    if alpha.dim() == int(dials) or alpha.shape[0] == rows:
         return alpha
     n = alpha.shape[0]
     if rows % n:
+        what = "dial vectors" if dials else "values"
         raise AlphaError(
-            f"alpha has {n} values (one per sequence) but the batch has {rows} rows; set a single alpha or "
+            f"alpha has {n} {what} (one per sequence) but the batch has {rows} rows; set a single alpha or "
             f"one per row (clm_ext.set_alpha)"
         )
-    return alpha.repeat_interleave(rows // n)
+    return alpha.repeat_interleave(rows // n, dim=0)
 
 
 def alpha_from_request(body: dict, check: Callable = alpha_number):
@@ -194,16 +196,3 @@ def dial_alpha_tensor(alpha, dials, name: str = "alpha") -> Tensor:
                          f"shape {tuple(alpha.shape)}", name)
     check_alpha_values(alpha, name)
     return alpha.detach().to(torch.float32)
-
-
-def expand_dial_alpha(alpha: Tensor, rows: int) -> Tensor:
-    """[K] for all rows, or [B, K] repeated to `rows` = k*B rows per sequence (as `expand_alpha`)."""
-    if alpha.dim() == 1 or alpha.shape[0] == rows:
-        return alpha
-    n = alpha.shape[0]
-    if rows % n:
-        raise AlphaError(
-            f"alpha has {n} dial vectors (one per sequence) but the batch has {rows} rows; set one vector or one "
-            f"per row (clm_ext.set_alpha)"
-        )
-    return alpha.repeat_interleave(rows // n, dim=0)

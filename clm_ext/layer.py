@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dial_ops, ops
-from .alpha import alpha_tensor, dial_alpha_tensor, expand_alpha, expand_dial_alpha
+from .alpha import alpha_tensor, dial_alpha_tensor, expand_alpha
 
 MODES = ("embed", "logits")
 
@@ -112,9 +112,7 @@ class AlignmentSite(nn.Module):
 
     def row_alpha(self, rows: int, device: torch.device) -> Tensor:
         """The user's alpha for each of `rows` rows (mode "embed"; mode "logits" runs its two streams apart)."""
-        if self.dial_names is not None:
-            return expand_dial_alpha(self.user_alpha(device), rows)
-        return expand_alpha(self.user_alpha(device), rows)
+        return expand_alpha(self.user_alpha(device), rows, dials=self.dial_names is not None)
 
     def _check_two_stream(self, rows: int) -> None:
         if self._stream_rows != rows:
