@@ -263,6 +263,8 @@ def test_bad_alphas_and_names_get_clear_errors(tmp_path):
         clm_ext.add_alignment_control(model, dials=["concise"])
     with pytest.raises(ValueError, match="not a usable dial name"):
         clm_ext.add_alignment_control(tiny_causal_lm("llama"), dials=["has.dot"])
+    with pytest.raises(ValueError, match="'train' is not a usable dial name .*Module attribute"):
+        clm_ext.add_alignment_control(tiny_causal_lm("llama"), dials=["train"])
     with pytest.raises(ValueError, match="named dials need mode 'embed'"):
         clm_ext.add_alignment_control(tiny_causal_lm("llama"), dials=["a"], mode="logits")
     one = clm_ext.add_alignment_control(tiny_causal_lm("llama"))
