@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../alignment_mix.h"
+#include "block_sum.cuh"
 
 namespace clm_ext {
 namespace {
@@ -78,21 +79,6 @@ __global__ void scale_rows_kernel(scalar_t* __restrict__ out, const scalar_t* __
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T block_sum(T v) {
-  __shared__ T warp_sums[kThreads / 32];
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? warp_sums[lane] : T(0);
-  if (warp == 0) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
-  }
-  __syncthreads();  // warp_sums is reused by the next row
-  return v;
-}
-
 // One block per row: p <- dy + a * (p - dy); row_dot[r] = (p - dy) . x when row_dot is given.
 template <typename scalar_t, int N>
 __global__ void mix_backward_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ dy,
@@ -122,7 +108,7 @@ __global__ void mix_backward_kernel(scalar_t* __restrict__ p, const scalar_t* __
       store<scalar_t, N>(p + at_, pv);
     }
     if (row_dot != nullptr) {
-      dot = block_sum(dot);
+      dot = block_sum<kThreads>(dot);
       if (threadIdx.x == 0) row_dot[r] = dot;
     }
   }

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../dial_mix.h"
+#include "block_sum.cuh"
 
 namespace clm_ext {
 namespace {
@@ -44,21 +45,6 @@ __global__ void combine_kernel(scalar_t* __restrict__ out, const scalar_t* __res
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T block_sum(T v) {
-  __shared__ T warp_sums[kThreads / 32];
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? warp_sums[lane] : T(0);
-  if (warp == 0) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
-  }
-  __syncthreads();  // warp_sums is reused by the next sum
-  return v;
-}
-
 // One block per (row, dial): dots[r, k] = (p[r, k] - dy[r]) . x[r].
 template <typename scalar_t>
 __global__ void dial_dots_kernel(at::opmath_type<scalar_t>* __restrict__ dots, const scalar_t* __restrict__ p,
@@ -72,7 +58,7 @@ __global__ void dial_dots_kernel(at::opmath_type<scalar_t>* __restrict__ dots, c
       dot += (static_cast<opmath_t>(p[j * d + c]) - static_cast<opmath_t>(dy[r * d + c])) *
              static_cast<opmath_t>(x[r * d + c]);
     }
-    dot = block_sum(dot);
+    dot = block_sum<kThreads>(dot);
     if (threadIdx.x == 0) dots[j] = dot;
   }
 }
