@@ -100,9 +100,9 @@ def test_numpy_and_tensor_scalar_alphas_are_one_alpha():
     assert sweep == clm_ext.generate(model, tok, PROMPTS[0], alphas=[0.0, 1.5], max_new_tokens=4, do_sample=False)
 
 
-def test_cli_generate_prints_each_alpha_side_by_side(tmp_path, capsys):
-    from clm_ext.cli import main
-
+def _saved_base_and_layer(tmp_path):
+    """A tiny base model under tmp_path/base and a perturbed layer under tmp_path/layer, for `clm generate`;
+    returns the model with that layer and its tokenizer."""
     tok = tiny_tokenizer()
     model = tiny_causal_lm("llama")
     model.save_pretrained(tmp_path / "base")
@@ -110,10 +110,18 @@ def test_cli_generate_prints_each_alpha_side_by_side(tmp_path, capsys):
     clm_ext.add_alignment_control(model)
     _perturb(model)
     clm_ext.save_alignment(model, tmp_path / "layer")
+    return model, tok
+
+
+def test_cli_generate_prints_each_alpha_side_by_side(tmp_path, capsys):
+    from clm_ext.cli import main
+
+    model, tok = _saved_base_and_layer(tmp_path)
     rc = main(["generate", "--model", str(tmp_path / "base"), "--alignment", str(tmp_path / "layer"),
                "--alpha", "0", "1.5", "--prompt", "the cat runs", "a dog", "--max-new-tokens", "4", "--width", "80"])
     assert rc == 0
     out = capsys.readouterr().out
+    out = out[out.index("prompt:"):]  # after any import-time notice of an optional package
     want = clm_ext.generate(model, tok, ["the cat runs"] * 2, alphas=[0.0, 1.5], max_new_tokens=4, do_sample=False)
     header = next(line for line in out.splitlines() if line.startswith("alpha=0"))
     assert "alpha=1.5" in header and "prompt: the cat runs" in out and "prompt: a dog" in out
@@ -140,13 +148,7 @@ def test_cli_generate_a_tiny_temperature_is_greedy(tmp_path, capsys):
     GREEDY_BELOW sampling is greedy, as in clm serve."""
     from clm_ext.cli import main
 
-    tok = tiny_tokenizer()
-    model = tiny_causal_lm("llama")
-    model.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    clm_ext.add_alignment_control(model)
-    _perturb(model)
-    clm_ext.save_alignment(model, tmp_path / "layer")
+    model, tok = _saved_base_and_layer(tmp_path)
     common = ["generate", "--model", str(tmp_path / "base"), "--alignment", str(tmp_path / "layer"), "--alpha", "0",
               "1.5", "--prompt", "the cat runs", "--max-new-tokens", "5", "--width", "80"]
     def printed(argv):
