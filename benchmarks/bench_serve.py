@@ -227,6 +227,7 @@ def main() -> None:
         for name, runs in results.items():
             rows.add(case, shape, name, "tokens_per_s", "tok/s", [x["tokens"] / x["wall"] for x in runs])
             rows.add(case, shape, name, "latency_p50_s", "s", [percentile(x["latencies"], 0.5) for x in runs])
+            rows.add(case, shape, name, "latency_p95_s", "s", [percentile(x["latencies"], 0.95) for x in runs])
             rows.add(case, shape, name, "latency_p99_s", "s", [percentile(x["latencies"], 0.99) for x in runs])
             rows.add(case, shape, name, "failures", "count", sum(x["failures"] for x in runs))
             server = servers["clm" if name.startswith("clm") else "hf"]

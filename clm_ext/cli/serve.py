@@ -89,28 +89,15 @@ def _describe_layer(model, directory) -> str:
     return f"{directory}{demo}: layer {site.layer_kind!r} served in mode {site.mode!r}{trained}"
 
 
-def run(args) -> int:
-    import asyncio
-
+def _load(args, alignment) -> tuple:
+    """The model, its layer and the running engine; every error a start-up UsageError of one line."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import clm_ext
-    from clm_ext.serve.app import create_app
-    from clm_ext.serve.batch_hooks import RequestSpec
     from clm_ext.serve.engine import Engine, EngineConfig
-    from clm_ext.serve.protocol import Limits
     from clm_ext.sources import ModelSourceError, resolve_model
 
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # a server's log, and a start-up error, stay one line each
-    alpha_range = _check_args(args)
-    if args.device:
-        check_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    alignment = _alignment_dir(args)
     try:
         model_dir = resolve_model(args.model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -126,9 +113,32 @@ def run(args) -> int:
             clm_ext.add_alignment_control(model)
         config = EngineConfig(max_queue=args.max_queue, page_size=args.page_size, num_blocks=args.cache_blocks,
                               max_batch_tokens=args.max_batch_tokens)
-        engine = Engine(model, tokenizer, config)
+        return model_dir, tokenizer, model, Engine(model, tokenizer, config)
     except (ValueError, TypeError, RuntimeError) as e:
         raise UsageError(str(e)) from None
+
+
+def run(args) -> int:
+    import asyncio
+
+    import torch
+
+    import clm_ext
+    from clm_ext.serve.app import create_app
+    from clm_ext.serve.batch_hooks import RequestSpec
+    from clm_ext.serve.protocol import Limits
+    from clm_ext.serve.threads import in_passing_thread
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a server's log, and a start-up error, stay one line each
+    alpha_range = _check_args(args)
+    if args.device:
+        check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    alignment = _alignment_dir(args)
+    model_dir, tokenizer, model, engine = in_passing_thread(lambda: _load(args, alignment))
     described = _describe_layer(model, alignment)
     name = args.served_model_name or (args.model if args.model == DEFAULT_MODEL else Path(args.model).name)
     dials = clm_ext.model.alignment_site(model).dial_names
@@ -141,7 +151,7 @@ def run(args) -> int:
             pass
 
     asyncio.run(warm_up())
-    print(f"clm serve: model {name!r} from {model_dir} on {device}; alignment: {described}; alpha default "
+    print(f"clm serve: model {name!r} from {model_dir} on {next(model.parameters()).device}; alignment: {described}; alpha default "
           f"{args.alpha_default:g}, range [{alpha_range[0]:g}, {alpha_range[1]:g}]; up to {engine.max_context} "
           f"tokens per request, --max-queue {args.max_queue}; http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
