@@ -1,5 +1,6 @@
 // Schema of the clm_ext ops and their device-independent composition (see alignment_mix.h).
 #include "alignment_mix.h"
+#include "common.h"
 
 #include <Python.h>
 
@@ -13,16 +14,8 @@
 namespace clm_ext {
 namespace {
 
-at::ScalarType opmath_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Host-side checks: the Python wrappers check more kindly, but a direct torch.ops.clm_ext call must not
 // hand a kernel a pointer of the wrong device, dtype or size. Every message names the argument.
-
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", expected ", like.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              ", expected ", like.scalar_type());
-}
 
 // x (or the table) is floating; weight is [d, d]; bias, if any, is [d]; all on one device and dtype.
 void check_layer(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& weight,
@@ -140,21 +133,9 @@ at::Tensor with_hidden(const at::Tensor& rows, const at::Tensor& ids) {
   return at::_unsafe_view(rows, ids_by_hidden(ids, rows.size(1)));
 }
 
-// With one alpha for all rows, folding it into the weight, W_a = I + a (W - I), makes the op a single
-// GEMM: building W_a moves `fold` bytes per d^2 element (a multiply in the opmath type, plus a cast in and
-// out for 16-bit types: 2 + 4, 4 + 4, 4 + 2 = 20 bytes in bf16; 8 in fp32) where the mixing pass moves
-// 3 elements (read h and x, write h) per rows x d element (6 bytes in bf16, 12 in fp32). Fold where that
-// is less traffic: from rows >= 3.3 d in bf16/fp16 and rows >= 0.67 d in fp32/fp64.
-int64_t fold_threshold_rows(const at::Tensor& weight) {
-  const int64_t size = weight.element_size();
-  const int64_t opmath = at::elementSize(opmath_of(weight.scalar_type()));
-  const int64_t fold = size == opmath ? 2 * opmath : 4 * opmath + 2 * size;
-  const int64_t mix = 3 * size;
-  return (weight.size(0) * fold + mix - 1) / mix;
-}
-
+// One alpha for all rows: fold it into the weight where that moves fewer bytes than the mixing pass (common.h).
 bool fold_alpha_into_weight(int64_t rows, const at::Tensor& alpha, const at::Tensor& weight) {
-  return alpha.numel() == 1 && rows >= fold_threshold_rows(weight);
+  return alpha.numel() == 1 && rows >= fold_threshold_rows(weight.size(0), weight.scalar_type());
 }
 
 // W_a = a W + (1 - a) I, computed in the opmath type; exactly I at a = 0 and W at a = 1.

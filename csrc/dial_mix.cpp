@@ -1,18 +1,11 @@
 // Schema of the K-dial ops and their device-independent composition (see dial_mix.h).
 #include "dial_mix.h"
+#include "common.h"
 
 #include <ATen/ATen.h>
 
 namespace clm_ext {
 namespace {
-
-at::ScalarType dial_opmath_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", expected ", like.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", expected ",
-              like.scalar_type());
-}
 
 // x (or the table) is floating; weight is [K, d, d]; bias, if any, [K, d]; alpha [S, K] floating, S > 0.
 // Returns K.
@@ -21,13 +14,13 @@ int64_t check_dials(const char* op, const char* x_name, const at::Tensor& x, con
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", x_name, " must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must have a hidden dimension, got a 0-d tensor");
   const int64_t d = x.size(-1);
-  check_same(op, "weight", weight, x);
+  check_like(op, "weight", weight, x);
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) >= 1 && weight.size(1) == d && weight.size(2) == d, op,
               ": weight must have shape [K, ", d, ", ", d, "] (K >= 1 dials, hidden size of ", x_name, "), got ",
               weight.sizes());
   const int64_t dials = weight.size(0);
   if (bias.has_value()) {
-    check_same(op, "bias", *bias, x);
+    check_like(op, "bias", *bias, x);
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == dials && bias->size(1) == d, op, ": bias must have shape [",
                 dials, ", ", d, "], got ", bias->sizes());
   }
@@ -47,19 +40,13 @@ int64_t dial_rows_per_alpha(const char* op, int64_t rows, const at::Tensor& alph
 }
 
 at::Tensor alpha_opmath(const at::Tensor& alpha, const at::Tensor& like) {
-  return alpha.to(dial_opmath_of(like.scalar_type())).contiguous();
+  return alpha.to(opmath_of(like.scalar_type())).contiguous();
 }
 
 // Fold one alpha row into one weight, W_a = sum_k a_k W_k + (1 - sum_k a_k) I, when that moves fewer bytes than
-// the mixing pass (the rule of the one-dial op: rows >= 3.3 d in 16-bit types, >= 0.67 d in fp32/fp64). With
-// K = 1 this is exactly the one-dial op's a W + (1 - a) I, with the same threshold.
+// the mixing pass (common.h). With K = 1 this is exactly the one-dial op's a W + (1 - a) I.
 bool fold_dials(int64_t rows, const at::Tensor& alpha, const at::Tensor& weight) {
-  if (alpha.size(0) != 1) return false;
-  const int64_t size = weight.element_size();
-  const int64_t opmath = at::elementSize(dial_opmath_of(weight.scalar_type()));
-  const int64_t fold = size == opmath ? 2 * opmath : 4 * opmath + 2 * size;
-  const int64_t mix = 3 * size;
-  return rows >= (weight.size(1) * fold + mix - 1) / mix;
+  return alpha.size(0) == 1 && rows >= fold_threshold_rows(weight.size(1), weight.scalar_type());
 }
 
 // a: [1, K] opmath. Computed in the opmath type; exactly I at a = 0.
@@ -126,7 +113,7 @@ DialGrads dial_mix_backward(const at::Tensor& grad, const at::Tensor& x, const a
   const NoAutocast no_autocast;
   constexpr const char* op = "dial_mix_backward";
   const int64_t dials = check_dials(op, "x", x, weight_in, bias, alpha);
-  check_same(op, "grad", grad, x);
+  check_like(op, "grad", grad, x);
   TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad must have shape ", x.sizes(), ", got ", grad.sizes());
   const auto [need_x, need_w, need_b, need_a] = need;
   const at::Tensor weight = weight_in.contiguous();
@@ -179,7 +166,7 @@ at::Tensor dial_embedding_lerp(const at::Tensor& input_ids, const at::Tensor& em
   TORCH_CHECK(embed_weight.dim() == 2 && at::isFloatingType(embed_weight.scalar_type()), op,
               ": embed_weight must be a 2-D floating table [vocab, hidden], got ", embed_weight.sizes(), " ",
               embed_weight.scalar_type());
-  check_same(op, "aligned_weights", aligned_weights, embed_weight);
+  check_like(op, "aligned_weights", aligned_weights, embed_weight);
   const int64_t vocab = embed_weight.size(0), d = embed_weight.size(1);
   TORCH_CHECK(aligned_weights.dim() == 3 && aligned_weights.size(1) == vocab && aligned_weights.size(2) == d, op,
               ": aligned_weights must have shape [K, ", vocab, ", ", d, "], got ", aligned_weights.sizes());

@@ -396,6 +396,41 @@ def test_clm_train_dial_writes_one_named_dial(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("clm train: error: --dial: ") and "not a usable dial name" in err[0]
 
 
+
+@pytest.mark.slow
+def test_clm_train_dial_beside_fixed_other_dials(tmp_path, capsys):
+    """--with-dial loads a saved dial, --fixed-alpha holds it while --dial trains: at 0 the trained dial is the
+    one trained alone, at 0.5 it is not (the policy and reference both carry the other dial's shift)."""
+    from clm_ext.cli import main
+    from clm_ext.storage import read_layer
+
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    common = ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", "4", "--lr", "1e-2",
+              "--max-length", "32", "--max-steps", "2", "--save-steps", "100"]
+    assert main([*common, "--out", str(tmp_path / "positive"), "--dial", "positive", "--lr", "5e-2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "alone"), "--dial", "concise"]) == 0
+    beside = ["--dial", "concise", "--with-dial", str(tmp_path / "positive")]
+    assert main([*common, "--out", str(tmp_path / "at0"), *beside]) == 0
+    assert main([*common, "--out", str(tmp_path / "at05"), *beside, "--fixed-alpha", "positive=0.5"]) == 0
+    alone, at0, at05 = (read_layer(str(tmp_path / name))[1] for name in ("alone", "at0", "at05"))
+    torch.testing.assert_close(at0, alone, rtol=1e-5, atol=1e-6)
+    assert (at05["weight"] - alone["weight"]).abs().max() > 1e-4
+    capsys.readouterr()
+    for bad, message in (
+        (["--fixed-alpha", "positive=1"], "--with-dial and --fixed-alpha set the other dials while one trains"),
+        (["--dial", "concise", "--fixed-alpha", "kind=1"], "--fixed-alpha kind: not a dial loaded with --with-dial"),
+        (["--dial", "positive", "--with-dial", str(tmp_path / "positive")],
+         f"--with-dial {tmp_path / 'positive'}: it holds the dial 'positive', the one --dial trains"),
+    ):
+        assert main([*common, "--out", str(tmp_path / "bad"), *bad]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clm")]
+        assert len(err) == 1 and err[0].startswith(f"clm train: error: {message}"), err
+        assert not (tmp_path / "bad").exists()
+
 # ------------------------------------------------------------------------------------------------
 # clm serve with dict alphas.
 

@@ -6,6 +6,7 @@ history). OUT is checked before training starts: it must be new or empty, or hol
 (or --resume) may replace. Trainer checkpoints, which --resume restarts from, go to --checkpoint-dir (default
 OUT-checkpoints, a sibling). Under accelerate: `accelerate launch -m clm_ext.cli.train ARGS`.
 """
+import argparse
 import json
 import os
 import sys
@@ -56,6 +57,12 @@ def add_arguments(parser):
     parser.add_argument("--dial", metavar="NAME",
                         help="train one named dial (method clm, layer linear); OUT holds that dial alone, to load "
                         "into a model with other dials: load_alignment(model, OUT, dial=NAME)")
+    parser.add_argument("--with-dial", action="append", type=path_text, default=[], metavar="DIR",
+                        help="with --dial: a dial saved before (clm train --dial) loaded beside the one trained, "
+                        "frozen; repeatable")
+    parser.add_argument("--fixed-alpha", action="append", type=fixed_alpha, default=[], metavar="NAME=VALUE",
+                        help="with --dial: the alpha a --with-dial dial holds in both the policy and the reference "
+                        "while --dial trains (default 0); repeatable")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (method lora)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat-template", action="store_true",
@@ -70,6 +77,35 @@ def default_lr(method: str, layer: str) -> float:
     from clm_ext.demo.pipeline import DemoConfig
 
     return DemoConfig.real().lr[f"clm/{layer}"]
+
+
+def fixed_alpha(text: str) -> tuple:
+    """NAME=VALUE with a finite VALUE (argparse type of --fixed-alpha)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, finite_float(value)
+
+
+def _load_other_dials(model, args) -> dict:
+    """Load the --with-dial dials beside --dial; the --fixed-alpha values they hold, each a loaded dial."""
+    import clm_ext
+    from clm_ext.model import alignment_site, read_alignment_config
+
+    for directory in args.with_dial:
+        try:
+            saved = read_alignment_config(directory)
+            if args.dial in (saved.get("dial"), *saved.get("dials", ())):
+                raise ValueError(f"it holds the dial {args.dial!r}, the one --dial trains")
+            clm_ext.load_alignment(model, directory)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--with-dial {directory}: {e}".splitlines()[0]) from None
+    fixed = dict(args.fixed_alpha)
+    others = [name for name in alignment_site(model).dial_names if name != args.dial]
+    for name in fixed:
+        if name not in others:
+            raise UsageError(f"--fixed-alpha {name}: not a dial loaded with --with-dial (loaded: {others or 'none'})")
+    return fixed
 
 
 def run(args) -> int:
@@ -88,6 +124,8 @@ def run(args) -> int:
     args.layer = args.layer or ("linear" if args.dial is not None else "block")
     if args.dial is not None and (args.method != "clm" or args.layer != "linear"):
         raise UsageError("--dial trains a named linear dial: it needs --method clm and --layer linear")
+    if args.dial is None and (args.with_dial or args.fixed_alpha):
+        raise UsageError("--with-dial and --fixed-alpha set the other dials while one trains: they need --dial NAME")
     check_model_dir(args.model)
     checkpoints = args.checkpoint_dir or os.path.normpath(args.out) + "-checkpoints"
     resume = _resume_point(args.resume, checkpoints)
@@ -105,6 +143,7 @@ def run(args) -> int:
             clm_ext.add_alignment_control(model, layer=args.layer, dials=None if args.dial is None else [args.dial])
         except ValueError as e:
             raise UsageError(f"--dial: {e}") from None
+        fixed = _load_other_dials(model, args)
     config = DPOConfig(
         output_dir=checkpoints,
         beta=args.beta,
@@ -133,7 +172,7 @@ def run(args) -> int:
     )
     extra = {"peft_config": default_lora_config(args.lora_r)} if args.method == "lora" else {}
     if args.dial is not None:
-        extra["dial"] = args.dial
+        extra.update(dial=args.dial, fixed_alphas=fixed)
     trainer = make_dpo_trainer(args.method, model, config, train_dataset, tokenizer, eval_dataset, **extra)
     _check_truncation(args, train_dataset, trainer.train_dataset, "--dataset")
     if eval_dataset is not None:
