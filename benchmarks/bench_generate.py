@@ -12,7 +12,9 @@ exactly `new` tokens per sequence: min_new_tokens = max_new_tokens) with `model.
   "logits_embedding_prefill" times the embedding's forward alone on the prefill's 2B rows for both;
 - merged: `clm_ext.merge_alignment(model, 1.0)`, a plain model again;
 - clm_block_logits: layer "block" (the paper's variant: a new first decoder block), mode "logits", mixed alphas;
-- clm_block_embed: layer "block", mode "embed" (the block's output mixed before the first block), mixed alphas.
+- clm_block_embed: layer "block", mode "embed" (the block's output mixed before the first block), mixed alphas;
+- clm_dials3: three named linear dials, a different alpha vector in [-1, 2]^3 per sequence (against clm_mixed,
+  one dial, in row "tokens_per_s_vs_one_dial").
 The issue-7 side-by-side of the variants, all at the same mixed per-sequence alphas: linear/embed = clm_mixed,
 linear/logits = clm_logits, block/logits = clm_block_logits (block/embed = clm_block_embed).
 Models come from Llama configs with random weights (the layer gets W = I + noise, as if trained). Calls are
@@ -53,6 +55,14 @@ def controlled(base, alpha, **kwargs):
                 p.add_(0.02 * torch.randn_like(p))
     clm_ext.set_alpha(model, alpha)
     return model.eval()
+
+
+def three_dials(base, batch):
+    """Three named linear dials, each perturbed as if trained, one alpha vector per sequence."""
+    names = ["positive", "concise", "simple"]
+    g = torch.Generator().manual_seed(1)
+    vectors = [dict(zip(names, (torch.rand(3, generator=g) * 3 - 1).tolist())) for _ in range(batch)]
+    return controlled(base, vectors, dials=names)
 
 
 def all_rows_logits(base, alpha):
@@ -101,6 +111,7 @@ def providers(base, batch):
         "merged": clm_ext.merge_alignment(one, 1.0).eval(),
         "clm_block_logits": controlled(base, mixed, mode="logits", layer="block"),
         "clm_block_embed": controlled(base, mixed, mode="embed", layer="block"),
+        "clm_dials3": three_dials(base, batch),
     }
 
 
@@ -150,6 +161,9 @@ def main(argv=None) -> int:
             if "base" in times:  # tokens/s against the base within each interleaved round: the ratio's spread
                 rows.add("generate", shape, provider, "tokens_per_s_vs_base", "x",
                          [b / s for b, s in zip(times["base"], t)])
+            if provider == "clm_dials3" and "clm_mixed" in times:  # K = 3 dials against one, per round
+                rows.add("generate", shape, provider, "tokens_per_s_vs_one_dial", "x",
+                         [m / s for m, s in zip(times["clm_mixed"], t)])
             if alignment_site(models_[provider]) is not None:  # the alignment layer's size
                 rows.add("generate", shape, provider, "alignment_params", "params",
                          sum(p.numel() for p in alignment_parameters(models_[provider])))

@@ -56,6 +56,8 @@ def parse_args():
     p.add_argument("--rounds", type=int, help="interleaved rounds")
     p.add_argument("--layer", choices=("linear", "block"), default="linear",
                    help="the alignment layer clm serve serves (block: one decoder block more than the model)")
+    p.add_argument("--mode", choices=("embed", "logits"), default="embed",
+                   help="clm serve's merge (logits: two streams per request in every forward)")
     return p.parse_args()
 
 
@@ -193,7 +195,7 @@ def main() -> None:
                    "--served-model-name", "m", "--port", str(port), "--device", device.type,
                    "--max-queue", str(max(conc, 1) * 2), "--page-size", str(CACHE["page_size"]),
                    "--cache-blocks", str(CACHE["num_blocks"]), "--max-batch-tokens", str(CACHE["max_batch_tokens"]),
-                   *threads]
+                   "--mode", args.mode, *threads]
             servers["clm"] = Server(cmd, port, work / "clm.log")
             servers["clm"].wait_ready("/health")
             urls["clm"] = (f"http://127.0.0.1:{port}/v1/completions", "m")
@@ -221,9 +223,11 @@ def main() -> None:
                 print(f"round {r} {name}: {res['tokens'] / res['wall']:.1f} tok/s, {res['tokens']} tokens in "
                       f"{res['wall']:.1f} s, p50 {percentile(res['latencies'], 0.5):.2f} s, "
                       f"{res['failures']} failures", flush=True)
-        rows = common.Rows("serve" if args.layer == "linear" else "serve_block", device, dtype)
+        rows = common.Rows("serve" + ("" if args.layer == "linear" else "_block") + ("" if args.mode == "embed" else "_logits"),
+                           device, dtype)
         shape = f"{n} requests, {conc} clients, {max_tokens} new tokens"
-        case = Path(args.model).name + ("" if args.layer == "linear" else ", block layer")
+        case = Path(args.model).name + ("" if args.layer == "linear" else ", block layer") + (
+            "" if args.mode == "embed" else ", mode logits")
         for name, runs in results.items():
             rows.add(case, shape, name, "tokens_per_s", "tok/s", [x["tokens"] / x["wall"] for x in runs])
             rows.add(case, shape, name, "latency_p50_s", "s", [percentile(x["latencies"], 0.5) for x in runs])

@@ -174,3 +174,63 @@ def test_the_serve_command_clm_demo_prints_serves_its_layer(served, tmp_path):
             proc.terminate()
             proc.wait(timeout=20)
     assert got.choices[0].text == reference(served["model"], served["tok"], "the cat runs", 2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# --mode logits: two streams per request in every forward, logits mixed before sampling.
+
+
+@pytest.fixture(scope="module")
+def served_logits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-block-logits")
+    write_model(root, layer="block")
+    logits = clm_ext.load_alignment(tiny_aligned_model(), root / "layer", mode="logits").eval()
+    with running_server(root, ("--mode", "logits")) as (base, proc, log):
+        yield {"base": base, "model": logits, "tok": tiny_tokenizer(), "root": root, "log": log}
+
+
+def test_logits_mode_differs_from_embed_mode_away_from_0_and_1(served_logits):
+    """The reference is worth comparing against: the two merges part at alpha outside {0, 1}."""
+    embed = clm_ext.load_alignment(tiny_aligned_model(), served_logits["root"] / "layer", mode="embed").eval()
+    text = prompt(5, 9)
+    tok = served_logits["tok"]
+    assert any(reference(embed, tok, text, a) != reference(served_logits["model"], tok, text, a) for a in (-1.0, 2.5, 3.0))
+
+
+def test_logits_mode_sixteen_concurrent_mixed_alphas_equal_generate_alone(served_logits):
+    alphas = [-1.0, 3.0, 0.0, 1.0, 2.25, -0.5, 0.7, 1.5, 2.0, -0.25, 0.3, 2.8, 1.1, -1.0, 0.5, 3.0]
+    prompts = [prompt(i, 3 + (i * 11) % 40) for i in range(16)]  # several pages, chunked prefill
+    prompts[15] = prompts[0]
+    openai = client(served_logits["base"])
+
+    def ask(i):
+        kwargs = dict(model="tiny", prompt=prompts[i], max_tokens=MAX_TOKENS, temperature=0,
+                      extra_body={"alpha": alphas[i]})
+        if i % 2:
+            chunks = list(openai.completions.create(stream=True, **kwargs))
+            return "".join(c.choices[0].text for c in chunks)
+        return openai.completions.create(**kwargs).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert health(served_logits["base"])["mixed_alpha_forwards"] > 0
+    for text, alpha, got in zip(prompts, alphas, answers):
+        assert got == reference(served_logits["model"], served_logits["tok"], text, alpha), (text, alpha)
+    served_logits["log"].flush()
+    log = (served_logits["root"] / "server.log").read_text()
+    assert "layer 'block' served in mode 'logits' (two streams per request)" in log, log[-2000:]
+
+
+@pytest.mark.parametrize("layer", ["linear", "block"])
+def test_logits_mode_gives_the_base_stream_its_own_cache_layers(layer):
+    from clm_ext.serve.engine import Engine, EngineConfig
+
+    model = clm_ext.add_alignment_control(tiny_aligned_model(), layer=layer)
+    layers = model.config.num_hidden_layers + (layer == "block")
+    engine = Engine(model, tiny_tokenizer(), EngineConfig(max_queue=4, page_size=16, num_blocks=16), merge="logits")
+    try:
+        assert sorted(engine.manager.batch_processor.cache.layer_to_allocator) == list(range(2 * layers))
+        assert model.config.num_hidden_layers == layers - (layer == "block")
+    finally:
+        engine.stop()
+    assert "forward" not in model.__dict__  # stop() gives the model its own forward back

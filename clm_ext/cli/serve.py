@@ -22,6 +22,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--alignment", help="a trained layer, linear or block (save_alignment / clm train), served in "
                         "mode 'embed'; default: the demo's trained block layer for the default model (its linear layer "
                         "if the block layer is absent), else the identity (alpha has no effect)")
+    parser.add_argument("--mode", choices=("embed", "logits"), default="embed",
+                        help="embed (default): one stream, alpha mixes the layer's output per token; logits: two "
+                        "streams per request (base and aligned) in every forward, their logits mixed by alpha "
+                        "(the paper's merge; twice the compute and KV cache)")
     parser.add_argument("--served-model-name", help="the name clients send as 'model' (default: the --model name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -76,7 +80,7 @@ def _alignment_dir(args):
     return None
 
 
-def _describe_layer(model, directory) -> str:
+def _describe_layer(model, directory, merge: str) -> str:
     """The start-up line's account of the layer served: which directory, which kind, which mode."""
     from clm_ext.model import alignment_site, read_alignment_config
 
@@ -84,9 +88,10 @@ def _describe_layer(model, directory) -> str:
         return "identity (no trained layer: every alpha gives the base model)"
     site = alignment_site(model)
     saved = read_alignment_config(directory).get("mode")
-    trained = f", trained in mode {saved!r}" if saved != site.mode else ""
+    trained = f", trained in mode {saved!r}" if saved != merge else ""
     demo = " (the demo's layer)" if Path(directory) in DEMO_LAYERS else ""
-    return f"{directory}{demo}: layer {site.layer_kind!r} served in mode {site.mode!r}{trained}"
+    streams = " (two streams per request)" if merge == "logits" else ""
+    return f"{directory}{demo}: layer {site.layer_kind!r} served in mode {merge!r}{streams}{trained}"
 
 
 def _load(args, alignment) -> tuple:
@@ -107,13 +112,13 @@ def _load(args, alignment) -> tuple:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     try:
-        if alignment:  # mode 'embed' whatever the layer was trained in: one stream, one alpha per token
+        if alignment:  # loaded in mode 'embed' whatever it was trained in; --mode logits runs it as two streams
             clm_ext.load_alignment(model, alignment, mode="embed")
         else:
             clm_ext.add_alignment_control(model)
         config = EngineConfig(max_queue=args.max_queue, page_size=args.page_size, num_blocks=args.cache_blocks,
                               max_batch_tokens=args.max_batch_tokens)
-        return model_dir, tokenizer, model, Engine(model, tokenizer, config)
+        return model_dir, tokenizer, model, Engine(model, tokenizer, config, merge=args.mode)
     except (ValueError, TypeError, RuntimeError) as e:
         raise UsageError(str(e)) from None
 
@@ -139,7 +144,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     alignment = _alignment_dir(args)
     model_dir, tokenizer, model, engine = in_passing_thread(lambda: _load(args, alignment))
-    described = _describe_layer(model, alignment)
+    described = _describe_layer(model, alignment, args.mode)
     name = args.served_model_name or (args.model if args.model == DEFAULT_MODEL else Path(args.model).name)
     dials = clm_ext.model.alignment_site(model).dial_names
     limits = Limits(model_name=name, alpha_default=args.alpha_default, alpha_range=alpha_range,

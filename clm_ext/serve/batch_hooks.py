@@ -116,8 +116,9 @@ def _parent(request_id: str) -> str:
 class BatchHooks:
     """Installs the two hooks on a causal LM whose alignment layer is an AlignedEmbedding in mode 'embed'."""
 
-    def __init__(self, model, site, manager, table: RequestTable):
+    def __init__(self, model, site, manager, table: RequestTable, alpha_to=None):
         self.site, self.manager, self.table = site, manager, table
+        self.alpha_to = site if alpha_to is None else alpha_to  # TwoStreams for merge 'logits'; else the layer
         self._batch: list = []
         self.mixed_forwards = 0  # forwards whose requests carried more than one alpha (shown by /health)
         self._handles = (
@@ -150,7 +151,7 @@ class BatchHooks:
         padding = kwargs["input_ids"].numel() - alpha.shape[0]
         if padding > 0:  # tokens after the last request: alpha 0
             alpha = torch.cat([alpha, alpha.new_zeros((padding, *alpha.shape[1:]))])
-        self.site.set_token_alpha(alpha)
+        self.alpha_to.set_token_alpha(alpha)
         self.mixed_forwards += len({spec.alpha for spec in specs}) > 1
         self._batch = [(fs, spec) for fs, spec in zip(requests, specs) if fs.has_new_token]
         return None

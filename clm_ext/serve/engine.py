@@ -2,8 +2,9 @@
 
 One `ContinuousBatchingManager` (paged KV cache, chunked prefill, its own generation thread) runs every
 request; `BatchHooks` give each token its request's alpha and sample per request. The alignment site is the
-linear layer or the block, in mode 'embed'; the block's attention gets its own layer in the paged cache (one
-more than the model has), as it gets its own slot in `generate`'s cache. Block (prefix) sharing is off: the
+linear layer or the block; the block's attention gets its own layer in the paged cache (one more than the
+model has), as it gets its own slot in `generate`'s cache. Merge 'embed' (one stream, alpha per token at the
+layer) or 'logits' (two streams per request in every forward, logits mixed: clm_ext.serve.two_streams). Block (prefix) sharing is off: the
 KV cache depends on alpha, and the engine keys shared blocks on tokens only, so two requests with one prompt
 and different alphas would otherwise share keys and values computed at the wrong alpha.
 """
@@ -21,6 +22,9 @@ from ..layer import AlignedEmbedding, AlignmentBlock
 from ..model import alignment_site
 from ..versions import SERVE_TRANSFORMERS, require
 from .batch_hooks import BatchHooks, RequestSpec, RequestTable
+from .two_streams import TwoStreams
+
+MERGES = ("embed", "logits")
 
 
 class QueueFull(Exception):
@@ -49,7 +53,7 @@ class Step:
 class Engine:
     """Submit token ids with a RequestSpec; iterate over Steps. Thread-safe submission from one event loop."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), merge: str = "embed"):
         require("transformers", SERVE_TRANSFORMERS, "clm serve")
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -58,10 +62,15 @@ class Engine:
         if not isinstance(site, (AlignedEmbedding, AlignmentBlock)) or site.mode != "embed":
             kind = "none" if site is None else f"layer={site.layer_kind!r}, mode={site.mode!r}"
             raise ValueError(
-                f"clm serve serves an alignment layer (linear or block) in mode 'embed' (one alpha per token in "
-                f"the paged engine); this model has {kind}. Mode 'logits' runs two streams per request, which the "
-                "paged engine cannot hold: load the layer with mode='embed', or use clm_ext.generate for it."
+                f"clm serve serves an alignment layer (linear or block) loaded in mode 'embed' (one alpha per "
+                f"token in the paged engine); this model has {kind}. For two streams per request load the layer "
+                "with mode='embed' and pass merge='logits'."
             )
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        if merge == "logits" and site.dial_names is not None:
+            raise ValueError("merge 'logits' mixes two streams of one dial; named dials are served in merge 'embed'")
+        self.merge = merge
         self.model, self.tokenizer, self.config = model, tokenizer, config
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
         self.eos_token_id = -1 if eos is None else eos
@@ -82,9 +91,10 @@ class Engine:
         self.table = RequestTable()
         self.manager = model.init_continuous_batching(generation_config=generation_config,
                                                       continuous_batching_config=cb_config)
-        if isinstance(site, AlignmentBlock):
-            _cache_layer_for_block(self.manager, model, site)
-        self.hooks = BatchHooks(model, site, self.manager, self.table)
+        layers = _cache_layers(model, site)
+        self.two_streams = TwoStreams(model, site, layers) if merge == "logits" else None
+        _size_cache(self.manager, model, layers, streams=2 if self.two_streams else 1)
+        self.hooks = BatchHooks(model, site, self.manager, self.table, alpha_to=self.two_streams)
         self.max_context = min(config.num_blocks * config.page_size,
                                getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9)
         self._ids = itertools.count()
@@ -146,6 +156,8 @@ class Engine:
             return
         self._stopping.set()
         self.hooks.remove()
+        if self.two_streams is not None:
+            self.two_streams.remove()
         self.manager.stop(block=True, timeout=10)
         self.manager.destroy()
 
@@ -205,32 +217,43 @@ class _Failed:
     message: str
 
 
-def _cache_layer_for_block(manager, model, site: AlignmentBlock) -> None:
-    """Give the block's attention its own layer in the paged cache (index site.cache_index, after the model's
-    last): the manager sizes the cache from the text config, which counts the model's layers only. The
-    config says one layer more while the generation thread builds the cache, and is restored right after."""
+def _cache_layers(model, site) -> int:
+    """Cache layers of one stream: the model's, and the block's own after them (index site.cache_index)."""
+    layers = model.config.get_text_config().num_hidden_layers
+    if isinstance(site, AlignmentBlock):
+        if site.cache_index != layers:
+            raise ValueError(f"the alignment block's cache slot is {site.cache_index}, expected the model's layer "
+                             f"count {layers}")
+        return layers + 1
+    return layers
+
+
+def _size_cache(manager, model, layers: int, streams: int) -> None:
+    """Make the paged cache hold `streams` x `layers` layers: the manager sizes it from the text config, which
+    counts the model's layers only. The config says so while the generation thread builds the cache, and is
+    restored right after."""
     config = model.config.get_text_config()
-    if site.cache_index != config.num_hidden_layers:
-        raise ValueError(f"the alignment block's cache slot is {site.cache_index}, expected the model's layer "
-                         f"count {config.num_hidden_layers}")
+    if streams * layers == config.num_hidden_layers:
+        return
     create = manager._create_batch_processor
 
-    def create_with_block_layer():
-        with _one_more_layer(config):
+    def create_with_more_layers():
+        with _layer_count(config, layers, streams):
             return create()
 
-    manager._create_batch_processor = create_with_block_layer
+    manager._create_batch_processor = create_with_more_layers
 
 
 @contextlib.contextmanager
-def _one_more_layer(config):
-    layers, types = config.num_hidden_layers, getattr(config, "layer_types", None)
-    config.num_hidden_layers = layers + 1
+def _layer_count(config, layers: int, streams: int):
+    """Each stream's layers: the model's, then the block's (a copy of block 0: its attention type too)."""
+    model_layers, types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    config.num_hidden_layers = streams * layers
     if types is not None:
-        config.layer_types = [*types, types[0]]  # the block is a copy of block 0: its attention type too
+        config.layer_types = [*types, *types[:layers - model_layers]] * streams
     try:
         yield
     finally:
-        config.num_hidden_layers = layers
+        config.num_hidden_layers = model_layers
         if types is not None:
             config.layer_types = types
