@@ -143,7 +143,7 @@ def run(args) -> int:
             clm_ext.add_alignment_control(model, layer=args.layer, dials=None if args.dial is None else [args.dial])
         except ValueError as e:
             raise UsageError(f"--dial: {e}") from None
-        fixed = _load_other_dials(model, args)
+        fixed = _load_other_dials(model, args) if args.dial is not None else {}
     config = DPOConfig(
         output_dir=checkpoints,
         beta=args.beta,
