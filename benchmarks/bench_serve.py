@@ -223,8 +223,8 @@ def main() -> None:
                 print(f"round {r} {name}: {res['tokens'] / res['wall']:.1f} tok/s, {res['tokens']} tokens in "
                       f"{res['wall']:.1f} s, p50 {percentile(res['latencies'], 0.5):.2f} s, "
                       f"{res['failures']} failures", flush=True)
-        rows = common.Rows("serve" + ("" if args.layer == "linear" else "_block") + ("" if args.mode == "embed" else "_logits"),
-                           device, dtype)
+        suffix = ("" if args.layer == "linear" else "_block") + ("" if args.mode == "embed" else "_logits")
+        rows = common.Rows("serve" + suffix, device, dtype)
         shape = f"{n} requests, {conc} clients, {max_tokens} new tokens"
         case = Path(args.model).name + ("" if args.layer == "linear" else ", block layer") + (
             "" if args.mode == "embed" else ", mode logits")

@@ -378,19 +378,24 @@ def test_one_dial_training_step_equals_trl_with_an_explicit_reference(tmp_path, 
     torch.testing.assert_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
 
 
+def _train_cli_args(tmp_path) -> tuple:
+    """A tiny Llama and preference file under tmp_path; `clm train` arguments for two short steps on them."""
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return model_dir, ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", "4", "--lr",
+                       "1e-2", "--max-length", "32", "--max-steps", "2", "--save-steps", "100"]
+
+
 @pytest.mark.slow
 def test_clm_train_dial_writes_one_named_dial(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from clm_ext.cli import main
 
-    model_dir = tmp_path / "model"
-    tiny_causal_lm("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    common = ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", "4", "--lr", "1e-2",
-              "--max-length", "32", "--max-steps", "2", "--save-steps", "100"]
+    model_dir, common = _train_cli_args(tmp_path)
     assert main([*common, "--out", str(tmp_path / "concise"), "--dial", "concise"]) == 0
     assert json.loads((tmp_path / "concise" / "alignment_config.json").read_text())["dial"] == "concise"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -405,7 +410,6 @@ def test_clm_train_dial_writes_one_named_dial(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("clm train: error: --dial: ") and "not a usable dial name" in err[0]
 
 
-
 @pytest.mark.slow
 def test_clm_train_dial_beside_fixed_other_dials(tmp_path, capsys):
     """--with-dial loads a saved dial, --fixed-alpha holds it while --dial trains: at 0 the trained dial is the
@@ -413,13 +417,7 @@ def test_clm_train_dial_beside_fixed_other_dials(tmp_path, capsys):
     from clm_ext.cli import main
     from clm_ext.storage import read_layer
 
-    model_dir = tmp_path / "model"
-    tiny_causal_lm("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    common = ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", "4", "--lr", "1e-2",
-              "--max-length", "32", "--max-steps", "2", "--save-steps", "100"]
+    _, common = _train_cli_args(tmp_path)
     assert main([*common, "--out", str(tmp_path / "positive"), "--dial", "positive", "--lr", "5e-2"]) == 0
     assert main([*common, "--out", str(tmp_path / "alone"), "--dial", "concise"]) == 0
     beside = ["--dial", "concise", "--with-dial", str(tmp_path / "positive")]
@@ -439,6 +437,7 @@ def test_clm_train_dial_beside_fixed_other_dials(tmp_path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clm")]
         assert len(err) == 1 and err[0].startswith(f"clm train: error: {message}"), err
         assert not (tmp_path / "bad").exists()
+
 
 # ------------------------------------------------------------------------------------------------
 # clm serve with dict alphas.

@@ -32,7 +32,10 @@ def test_the_perturbed_block_is_not_the_identity(served):
     assert len(outputs) == 4
 
 
-def test_sixteen_concurrent_mixed_alphas_streaming_and_not_equal_generate_alone(served):
+def sixteen_concurrent_mixed_alphas_equal_generate_alone(served) -> None:
+    """16 requests at once through the openai client, half streaming, alphas in [-1, 3], prompts of several
+    pages (chunked prefill), one prompt twice: each equal token for token to clm_ext.generate alone with
+    served["model"] (the reference model of the server's merge) at its alpha."""
     alphas = [-1.0, 3.0, 0.0, 1.0, 2.25, -0.5, 0.7, 1.5, 2.0, -0.25, 0.3, 2.8, 1.1, -1.0, 0.5, 3.0]
     prompts = [prompt(i, 3 + (i * 11) % 40) for i in range(16)]  # 3..42 words: several pages, chunked prefill
     prompts[15] = prompts[0]  # one prompt twice, at alphas -1 and 3
@@ -57,6 +60,10 @@ def test_sixteen_concurrent_mixed_alphas_streaming_and_not_equal_generate_alone(
         assert finish == "length"
         assert got == reference(served["model"], served["tok"], text, alpha), (text, alpha)
     assert answers[0][0] != answers[15][0]  # the dial changed the output
+
+
+def test_sixteen_concurrent_mixed_alphas_streaming_and_not_equal_generate_alone(served):
+    sixteen_concurrent_mixed_alphas_equal_generate_alone(served)
 
 
 def test_chat_and_the_same_long_prompt_at_three_alphas(served):
@@ -194,28 +201,12 @@ def test_logits_mode_differs_from_embed_mode_away_from_0_and_1(served_logits):
     embed = clm_ext.load_alignment(tiny_aligned_model(), served_logits["root"] / "layer", mode="embed").eval()
     text = prompt(5, 9)
     tok = served_logits["tok"]
-    assert any(reference(embed, tok, text, a) != reference(served_logits["model"], tok, text, a) for a in (-1.0, 2.5, 3.0))
+    logits = served_logits["model"]
+    assert any(reference(embed, tok, text, a) != reference(logits, tok, text, a) for a in (-1.0, 2.5, 3.0))
 
 
 def test_logits_mode_sixteen_concurrent_mixed_alphas_equal_generate_alone(served_logits):
-    alphas = [-1.0, 3.0, 0.0, 1.0, 2.25, -0.5, 0.7, 1.5, 2.0, -0.25, 0.3, 2.8, 1.1, -1.0, 0.5, 3.0]
-    prompts = [prompt(i, 3 + (i * 11) % 40) for i in range(16)]  # several pages, chunked prefill
-    prompts[15] = prompts[0]
-    openai = client(served_logits["base"])
-
-    def ask(i):
-        kwargs = dict(model="tiny", prompt=prompts[i], max_tokens=MAX_TOKENS, temperature=0,
-                      extra_body={"alpha": alphas[i]})
-        if i % 2:
-            chunks = list(openai.completions.create(stream=True, **kwargs))
-            return "".join(c.choices[0].text for c in chunks)
-        return openai.completions.create(**kwargs).choices[0].text
-
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(ask, range(16)))
-    assert health(served_logits["base"])["mixed_alpha_forwards"] > 0
-    for text, alpha, got in zip(prompts, alphas, answers):
-        assert got == reference(served_logits["model"], served_logits["tok"], text, alpha), (text, alpha)
+    sixteen_concurrent_mixed_alphas_equal_generate_alone(served_logits)
     served_logits["log"].flush()
     log = (served_logits["root"] / "server.log").read_text()
     assert "layer 'block' served in mode 'logits' (two streams per request)" in log, log[-2000:]

@@ -156,7 +156,8 @@ def run(args) -> int:
             pass
 
     asyncio.run(warm_up())
-    print(f"clm serve: model {name!r} from {model_dir} on {next(model.parameters()).device}; alignment: {described}; alpha default "
+    device = next(model.parameters()).device
+    print(f"clm serve: model {name!r} from {model_dir} on {device}; alignment: {described}; alpha default "
           f"{args.alpha_default:g}, range [{alpha_range[0]:g}, {alpha_range[1]:g}]; up to {engine.max_context} "
           f"tokens per request, --max-queue {args.max_queue}; http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)

@@ -114,7 +114,7 @@ def _parent(request_id: str) -> str:
 
 
 class BatchHooks:
-    """Installs the two hooks on a causal LM whose alignment layer is an AlignedEmbedding in mode 'embed'."""
+    """Installs the two hooks on a causal LM whose alignment layer (linear or block) runs in mode 'embed'."""
 
     def __init__(self, model, site, manager, table: RequestTable, alpha_to=None):
         self.site, self.manager, self.table = site, manager, table

@@ -4,9 +4,10 @@ One `ContinuousBatchingManager` (paged KV cache, chunked prefill, its own genera
 request; `BatchHooks` give each token its request's alpha and sample per request. The alignment site is the
 linear layer or the block; the block's attention gets its own layer in the paged cache (one more than the
 model has), as it gets its own slot in `generate`'s cache. Merge 'embed' (one stream, alpha per token at the
-layer) or 'logits' (two streams per request in every forward, logits mixed: clm_ext.serve.two_streams). Block (prefix) sharing is off: the
-KV cache depends on alpha, and the engine keys shared blocks on tokens only, so two requests with one prompt
-and different alphas would otherwise share keys and values computed at the wrong alpha.
+layer) or 'logits' (two streams per request in every forward, logits mixed: clm_ext.serve.two_streams).
+Block (prefix) sharing is off: the KV cache depends on alpha, and the engine keys shared blocks on tokens
+only, so two requests with one prompt and different alphas would otherwise share keys and values computed
+at the wrong alpha.
 """
 from __future__ import annotations
 
