@@ -188,6 +188,9 @@ def test_demo_refuses_a_non_empty_out_before_running(capsys, tmp_path):
     (["demo", "--alphas", "0,nan"], ["--alphas", "finite"]),
     (["demo", "--optim", "clm/linear=adamx"], ["--optim", "'adamx'", "not an optimizer"]),
     (["demo", "--optim", "clm=sgd"], ["--optim", "METHOD=NAME"]),
+    (["demo", "--loss-type", "sigmoid,bogus"], ["--loss-type", "unknown bogus", "'ipo'"]),
+    (["demo", "--loss-type", "sigmoid,sft", "--loss-weights", "1"], ["--loss-weights", "one weight per --loss-type (2)"]),
+    (["demo", "--identity-decay", "-1"], ["--identity-decay", ">= 0"]),
     (["train", "--optim", "adamx", "--dataset", "d", "--out", "o"], ["argument --optim", "'adamx'"]),
 ])
 def test_bad_arguments_are_one_line(workspace, capsys, argv, fragments):

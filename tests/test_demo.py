@@ -4,6 +4,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from clm_ext.demo.corpus import make_corpus, make_prompts
 from clm_ext.demo.judge import mean_and_stderr, reward
@@ -173,16 +174,42 @@ def test_negative_alpha_lists_parse_with_a_space():
 
 
 def test_each_method_trains_with_its_own_learning_rate_and_optimizer(monkeypatch):
-    """`--lr METHOD=LR` and `--optim METHOD=NAME` reach that method's DPOConfig and no other's."""
+    """`--lr METHOD=LR` and `--optim METHOD=NAME` reach that method's DPOConfig and no other's; the loss types
+    reach every method's, the identity decay only the CLM layer's training."""
     from clm_ext.demo import pipeline
     from clm_ext.cli.demo import _learning_rates, _optimizers
 
     seen = {}
-    monkeypatch.setattr(pipeline.dpo, "train", lambda method, model, tokenizer, dataset, args, progress=None:
-                        seen.setdefault(method, (args.learning_rate, args.optim.value)))
+    monkeypatch.setattr(pipeline.dpo, "train", lambda method, model, tokenizer, dataset, args, progress=None,
+                        identity_decay=None: seen.setdefault(method, (args.learning_rate, args.optim.value,
+                                                                      args.loss_type, args.loss_weights,
+                                                                      identity_decay)))
     base = pipeline.DemoConfig.real()
     cfg = pipeline.DemoConfig.real(lr={**base.lr, **_learning_rates(["clm/linear=0.03"])},
-                                   optim={**base.optim, **_optimizers(["clm/linear=sgd"])})
+                                   optim={**base.optim, **_optimizers(["clm/linear=sgd"])},
+                                   loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5), identity_decay=30.0)
     for key in ("clm/linear", "full"):
         pipeline._train(cfg, key, None, None, None, pipeline._Stages(), key)
-    assert seen == {"clm": (0.03, "sgd"), "full": (base.lr["full"], "adamw_torch")}
+    assert seen == {"clm": (0.03, "sgd", ["sigmoid", "sft"], [1.0, 0.5], 30.0),
+                    "full": (base.lr["full"], "adamw_torch", ["sigmoid", "sft"], [1.0, 0.5], None)}
+
+
+def test_identity_decay_pulls_the_trained_weights_towards_their_start():
+    """w -= lr * rate * (w - w0) after a step, for the weights that train only."""
+    from types import SimpleNamespace
+
+    from clm_ext.demo.dpo import DecayToStart
+
+    layer, frozen = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    frozen.requires_grad_(False)
+    model = torch.nn.Sequential(layer, frozen)
+    decay = DecayToStart(rate=4.0)
+    decay.on_train_begin(None, None, None, model=model)
+    start_w, start_frozen = layer.weight.detach().clone(), frozen.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(torch.randn(3, 3))
+        frozen.weight.add_(1.0)
+    moved, moved_frozen = layer.weight.detach().clone(), frozen.weight.detach().clone()
+    decay.on_step_end(None, None, None, lr_scheduler=SimpleNamespace(get_last_lr=lambda: [0.05]))
+    torch.testing.assert_close(layer.weight, moved - 0.2 * (moved - start_w))
+    assert torch.equal(frozen.weight, moved_frozen) and not torch.equal(moved_frozen, start_frozen)

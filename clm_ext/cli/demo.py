@@ -7,14 +7,39 @@ from . import UsageError
 from ._checks import add_force_argument, optimizer_name, path_text, positive_float
 
 
-def _floats(text: str) -> tuple:
+def _floats(flag: str, text: str) -> tuple:
     try:
         values = tuple(float(x) for x in text.split(","))
     except ValueError:
         values = ()
     if not values or not all(math.isfinite(v) for v in values):
-        raise UsageError(f"--alphas: expected comma-separated finite numbers, got {text!r}")
+        raise UsageError(f"{flag}: expected comma-separated finite numbers, got {text!r}")
     return values
+
+
+def _loss_overrides(args) -> dict:
+    """--loss-type, --loss-weights and --identity-decay, checked before anything loads (TRL would only refuse
+    an unknown loss type at the first training step)."""
+    from trl import DPOConfig
+
+    out = {}
+    if args.loss_type is not None:
+        known = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+        out["loss_type"] = _names("--loss-type", args.loss_type)
+        unknown = [t for t in out["loss_type"] if f"'{t}'" not in known]
+        if unknown:
+            raise UsageError(f"--loss-type: unknown {', '.join(unknown)}; TRL's DPO losses: {known.split(': ', 1)[1].split('. ')[0]}")
+    if args.loss_weights is not None:
+        out["loss_weights"] = _floats("--loss-weights", args.loss_weights)
+        types = out.get("loss_type", ("sigmoid",))
+        if len(out["loss_weights"]) != len(types):
+            raise UsageError(f"--loss-weights: expected one weight per --loss-type ({len(types)}), "
+                             f"got {len(out['loss_weights'])}")
+    if args.identity_decay is not None:
+        if not (math.isfinite(args.identity_decay) and args.identity_decay >= 0):
+            raise UsageError(f"--identity-decay must be a finite number >= 0, got {args.identity_decay}")
+        out["identity_decay"] = args.identity_decay
+    return out
 
 
 def _names(flag: str, text: str) -> tuple:
@@ -89,6 +114,11 @@ def add_arguments(parser) -> None:
                         help="learning rate of one method: clm/linear, clm/block, full or lora (repeatable)")
     parser.add_argument("--optim", action="append", default=[], metavar="METHOD=NAME",
                         help="optimizer of one method, a transformers name such as sgd or adamw_torch (repeatable)")
+    parser.add_argument("--loss-type", help="comma-separated TRL DPO loss types, e.g. ipo, or sigmoid,sft for DPO plus "
+                        "the chosen answers' negative log-likelihood (RPO) (default sigmoid; all methods)")
+    parser.add_argument("--loss-weights", help="comma-separated weights, one per --loss-type (default: all 1)")
+    parser.add_argument("--identity-decay", type=float, help="decoupled decay of the CLM layer towards its identity "
+                        "start after every step, w -= lr * RATE * (w - w0) (default 0: off)")
     parser.add_argument("--pair-prompts", type=int, help="prompts sampled for preference pairs")
     parser.add_argument("--pair-samples", type=int, help="samples per pair prompt; the most and least positive pair up")
     parser.add_argument("--min-margin", type=float, help="smallest VADER difference that makes a pair")
@@ -130,8 +160,9 @@ def _overrides(args) -> dict:
         if not args.toy:
             raise UsageError("--model-size picks the toy model's size: use it with --toy")
         out["model_size"] = args.model_size
+    out.update(_loss_overrides(args))
     if args.alphas is not None:
-        out["alphas"] = _floats(args.alphas)
+        out["alphas"] = _floats("--alphas", args.alphas)
     if args.variants is not None:
         out["variants"] = _names("--variants", args.variants)
     if args.baselines is not None:

@@ -36,11 +36,12 @@ class _Progress(TrainerCallback):
 
 
 def dpo_config(output_dir: str, steps: int, batch_size: int, lr: float, beta: float, seed: int, device: str,
-               max_length: int, optim: str = "adamw_torch"):
+               max_length: int, optim: str = "adamw_torch", loss_type=("sigmoid",), loss_weights=None):
     from trl import DPOConfig
 
     return DPOConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, optim=optim,
+        loss_type=list(loss_type), loss_weights=None if loss_weights is None else list(loss_weights),
         lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, steps // 10), beta=beta, seed=seed,
         data_seed=seed, max_length=max_length, use_cpu=device == "cpu", bf16=False,
         activation_checkpointing=False, logging_steps=max(1, steps // 10), save_strategy="no",
@@ -50,14 +51,41 @@ def dpo_config(output_dir: str, steps: int, batch_size: int, lr: float, beta: fl
     )
 
 
-def train(method: str, model, tokenizer, dataset, args, progress=None, merge_lora: bool = True) -> DPOResult:
+class DecayToStart(TrainerCallback):
+    """Decoupled weight decay of the trained weights towards where they started, after every optimizer step:
+    w -= lr * rate * (w - w0). For the alignment layer the start is the identity (the linear layer's W = I, the
+    block's zeroed output projections), so the decay pulls the dial towards the base model, not towards zero
+    weights as AdamW's own decay would."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.start = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # the trainer has frozen everything but the layer by now
+        self.start = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        shrink = lr_scheduler.get_last_lr()[0] * self.rate
+        with torch.no_grad():
+            for p, start in self.start:
+                p.sub_(shrink * (p - start))
+
+
+def train(method: str, model, tokenizer, dataset, args, progress=None, merge_lora: bool = True,
+          identity_decay: float = 0.0) -> DPOResult:
     """Train `model` (wrapped beforehand for method "clm") with DPO; returns it with timings. A LoRA adapter is
-    merged into the weights unless `merge_lora` is False (then the PEFT model comes back, for scaling it)."""
+    merged into the weights unless `merge_lora` is False (then the PEFT model comes back, for scaling it).
+    identity_decay: the rate of `DecayToStart` (method "clm" only; 0 = off)."""
     from clm_ext.train import make_dpo_trainer
 
-    callbacks = [_Progress(progress)] if progress is not None else None
+    if identity_decay and method != "clm":
+        raise ValueError(f"identity_decay: only for method 'clm' (the layer starts at the identity), got {method!r}")
+    callbacks = [_Progress(progress)] if progress is not None else []
+    if identity_decay:
+        callbacks.append(DecayToStart(identity_decay))
     trainer = make_dpo_trainer(method, model, args, train_dataset=dataset, processing_class=tokenizer,
-                               callbacks=callbacks)
+                               callbacks=callbacks or None)
     trainer.remove_callback(PrinterCallback)  # the stage bar shows the loss; no log dicts on stdout
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     cuda = torch.cuda.is_available() and args.use_cpu is False

@@ -50,6 +50,9 @@ class DemoConfig:
     beta: float = 1.0
     lr: dict = field(default_factory=lambda: {"clm/linear": 1.5e-4, "clm/block": 4e-5, "full": 5e-5, "lora": 1e-3})
     optim: dict = field(default_factory=lambda: dict.fromkeys(METHODS, "adamw_torch"))  # transformers' names
+    loss_type: tuple = ("sigmoid",)  # TRL's DPO loss types (all methods); "sft" adds the chosen answers' NLL (RPO)
+    loss_weights: tuple = None       # one weight per loss type (TRL's default: all 1)
+    identity_decay: float = 0.0      # the CLM layer's decay towards its identity start (dpo.DecayToStart)
     alphas: tuple = ALPHAS
     variants: tuple = VARIANTS     # "layer/mode": the CLM variants swept
     baselines: tuple = BASELINES   # DPO methods compared with the CLM layer
@@ -165,7 +168,10 @@ def _train(cfg, key, model, tokenizer, dataset, stage, name, **train_kwargs):
     `train_kwargs` go to `dpo.train`."""
     with stage(f"DPO {name}", cfg.dpo_steps) as bar, tempfile.TemporaryDirectory(prefix="clm-demo-") as tmp:
         args = dpo.dpo_config(tmp, cfg.dpo_steps, cfg.dpo_batch, cfg.lr[key], cfg.beta, cfg.seed, cfg.device,
-                              max_length=cfg.max_length, optim=cfg.optim[key])
+                              max_length=cfg.max_length, optim=cfg.optim[key], loss_type=cfg.loss_type,
+                              loss_weights=cfg.loss_weights)
+        if key.startswith("clm/"):
+            train_kwargs = {"identity_decay": cfg.identity_decay, **train_kwargs}
         torch.manual_seed(cfg.seed)  # LoRA's adapter initialisation
         return dpo.train(key.partition("/")[0], model, tokenizer, dataset, args, progress=bar, **train_kwargs)
 
