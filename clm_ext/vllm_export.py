@@ -39,6 +39,8 @@ def _plan(model_dir: str, alignment_dir: str) -> tuple:
     config = _read_json(config_path)
     info, layer = storage.read_layer(alignment_dir)
     storage.check_finite_in(layer, _served_dtypes(config), f"--alignment: the layer in {alignment_dir}")
+    if _dial_names(info) is not None:
+        layer = _stacked_dials(alignment_dir, _dial_names(info), layer)
     if info.get("layer") not in LAYER_PREFIXES:
         raise ValueError(
             f"--alignment: {alignment_dir} holds a layer={info.get('layer')!r} alignment layer; the vLLM plugin "
@@ -62,6 +64,24 @@ def _plan(model_dir: str, alignment_dir: str) -> tuple:
     if info["layer"] == "block":
         _check_block(model_dir, config, info, layer)
     return config, info, layer
+
+
+def _dial_names(info: dict):
+    """The named dials of a save (all of them, or the one dial saved alone), or None for an unnamed layer."""
+    return list(info["dials"]) if "dials" in info else [info["dial"]] if "dial" in info else None
+
+
+def _stacked_dials(alignment_dir: str, dials: list, layer: dict) -> dict:
+    """A save of named dials ("<dial>.weight" / "<dial>.bias", or one dial's "weight" / "bias") as the stacked
+    {"weight": [K, d, d], "bias": [K, d]} the plugin's dial mix reads, in the order of `dials`."""
+    import torch
+
+    prefixes = [""] if "weight" in layer else [f"{name}." for name in dials]
+    try:
+        return {key: torch.stack([layer[prefix + key] for prefix in prefixes]) for key in ("weight", "bias")}
+    except KeyError as missing:
+        raise ValueError(f"--alignment: {alignment_dir} lists the dials {dials} but holds no {missing.args[0]} "
+                         "tensor") from None
 
 
 def _served_dtypes(config: dict) -> set:
@@ -159,6 +179,8 @@ def export_for_vllm(model_dir: str, alignment_dir: str, out: str, *, default_alp
         config["architectures"] = [ARCHITECTURES[config["architectures"][0]]]
         config[CONFIG_KEY] = {"layer": info["layer"], "mode": info["mode"], "default_alpha": default_alpha,
                               "clm_ext_version": info.get("clm_ext_version")}
+        if _dial_names(info) is not None:
+            config[CONFIG_KEY]["dials"] = _dial_names(info)
         if info["layer"] == "block":
             config[CONFIG_KEY]["block"] = block_fields(config)
         with open(os.path.join(tmp, "config.json"), "w") as f:

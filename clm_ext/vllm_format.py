@@ -5,7 +5,8 @@ so the runtime plugin never loads the exporter.
 An exported directory is the base model's files plus `LAYER_FILE` (the layer's tensors under the keys of
 `LAYER_PREFIXES`) and a `CONFIG_KEY` section in config.json: {"layer", "mode", "default_alpha",
 "clm_ext_version"} and, for a block layer, "block": the model fields the block was made for (`BLOCK_FIELDS`),
-which the plugin checks against the model at start-up.
+which the plugin checks against the model at start-up. Named dials (linear layers) add "dials": their names
+in order, and their layers are stacked: weight [K, d, d], bias [K, d] under the linear layer's two keys.
 """
 from __future__ import annotations
 

@@ -87,6 +87,27 @@ def test_a_block_layer_is_written_under_the_wrapped_models_keys_with_its_fields(
         assert torch.equal(value, state[key])
 
 
+def test_named_dials_are_stacked_in_their_order(tmp_path):
+    """A save of several dials, and one dial saved alone, become the stacked weight [K, d, d] and bias [K, d]
+    the plugin's dial mix reads, with the dial names in config.json."""
+    model = tiny_causal_lm("llama")
+    base = str(tmp_path / "base")
+    model.save_pretrained(base)
+    clm_ext.add_alignment_control(model, dials=["positive", "concise"])
+    with torch.no_grad():
+        for p in clm_ext.model.alignment_parameters(model):
+            p.add_(0.01 * torch.randn_like(p))
+    site = model.get_input_embeddings()
+    for saved, kwargs, dials in [("all", {}, ["positive", "concise"]), ("one", {"dial": "concise"}, ["concise"])]:
+        clm_ext.save_alignment(model, str(tmp_path / saved), **kwargs)
+        out = export_for_vllm(base, str(tmp_path / saved), str(tmp_path / f"out-{saved}"))
+        assert json.load(open(os.path.join(out, "config.json")))[CONFIG_KEY]["dials"] == dials
+        layer = load_file(os.path.join(out, LAYER_FILE))
+        assert torch.equal(layer["model.embed_tokens.alignment.weight"],
+                           torch.stack([site.dial(d).weight for d in dials]))
+        assert torch.equal(layer["model.embed_tokens.alignment.bias"], torch.stack([site.dial(d).bias for d in dials]))
+
+
 def test_logits_mode_is_refused(tmp_path):
     _, base, alignment = _pair(tmp_path, mode="logits", layer="block")
     with pytest.raises(ValueError, match="mode='logits'.*serves only mode='embed'"):

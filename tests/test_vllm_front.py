@@ -95,3 +95,75 @@ def test_token_alpha_repeats_each_requests_alpha_and_refuses_unwritten_steps():
         state.take(2)
     with pytest.raises(RuntimeError, match="holds 16"):
         state.write(np.zeros(17))
+
+
+# ------------------------------------------------------------------------------------------------
+# Named dials: an alpha vector per request.
+
+DIALS = ["positive", "concise"]
+
+
+def test_request_alpha_with_dials_is_a_vector_in_the_dials_order():
+    ask = lambda alpha: request_alpha(SimpleNamespace(extra_args={"alpha": alpha}), (1.0, 1.0), DIALS)  # noqa: E731
+    assert ask({"concise": -0.5, "positive": 2}) == (2.0, -0.5)
+    assert ask({"concise": 3}) == (0.0, 3.0)  # a dial left out is at 0
+    assert ask(["concise", -1, "positive", 0.5]) == ask({"concise": -1, "positive": 0.5}) == (0.5, -1.0)
+    assert ask([]) == (0.0, 0.0)
+    assert request_alpha(SimpleNamespace(extra_args=None), (1.0, 1.0), DIALS) == (1.0, 1.0)
+    assert request_alpha(SimpleNamespace(extra_args={"alpha": 0.5}), (1.0,), ["positive"]) == (0.5,)
+    for alpha, fragments in [(1.5, ["vllm_xargs.alpha", "object of dial alphas", "['positive', 'concise']"]),
+                             ({"kind": 1}, ["vllm_xargs.alpha", "'kind'", "['positive', 'concise']"]),
+                             ({"positive": math.nan}, ["vllm_xargs.alpha['positive']", "finite"]),
+                             (["positive", 1, "concise"], ["vllm_xargs.alpha", "[dial, value, ...]"]),
+                             ([1, "positive"], ["vllm_xargs.alpha", "[dial, value, ...]"])]:
+        with pytest.raises(AlphaError) as err:
+            ask(alpha)
+        assert all(f in str(err.value) for f in fragments), str(err.value)
+        assert err.value.param.startswith("vllm_xargs.alpha")
+
+
+def test_the_salt_covers_the_whole_alpha_vector():
+    assert cache_salt((1.0, 0.0), None) != cache_salt((1.0, 1.0), None)
+    assert cache_salt((1.0, 0.0), "user") == cache_salt((1.0, 0.0), "user")
+
+
+def test_token_alpha_with_dials_repeats_each_requests_vector():
+    state = TokenAlpha(16, default_alpha=1.0, device="cpu", dials=DIALS)
+    assert state.default_alpha == (1.0, 1.0) and state.buffer.shape == (16, 2)
+    state.write_requests([(0.5, -1.0), (2.0, 0.0)], np.array([2, 3]))
+    assert state.take(5).tolist() == [[0.5, -1.0]] * 2 + [[2.0, 0.0]] * 3
+
+
+def test_middleware_moves_a_dial_vector_and_names_a_bad_dial_value():
+    status, seen = _call(AlphaMiddleware, "/v1/completions", b'{"alpha": {"positive": 1, "concise": -0.5}}')
+    assert status == 200
+    assert json.loads(seen["body"]) == {"vllm_xargs": {"alpha": ["positive", 1.0, "concise", -0.5]}}
+    status, seen = _call(AlphaMiddleware, "/v1/completions", b'{"vllm_xargs": {"alpha": {}}}')  # every dial at 0
+    assert status == 200 and json.loads(seen["body"]) == {"vllm_xargs": {"alpha": []}}
+    status, answer = _call(AlphaMiddleware, "/v1/completions", b'{"alpha": {"positive": "high"}}')
+    assert status == 400 and answer["error"]["param"] == "alpha['positive']"
+
+
+def test_the_model_list_gains_the_dial_settings(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"clm_alignment": {"layer": "linear", "mode": "embed", "default_alpha": 0.5, "dials": DIALS}}))
+    cards = {"object": "list", "data": [{"id": "m", "root": str(tmp_path)}, {"id": "plain", "root": "/nowhere"}]}
+    body = json.dumps(cards).encode()
+    sent = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body[:10], "more_body": True})
+        await send({"type": "http.response.body", "body": body[10:]})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": []}
+    asyncio.run(AlphaMiddleware(app)(scope, None, send))
+    answer = json.loads(sent[1]["body"])
+    assert dict(sent[0]["headers"])[b"content-length"] == str(len(sent[1]["body"])).encode()
+    assert answer["data"][0] == {"id": "m", "root": str(tmp_path), "alignment": "linear", "alpha_default": 0.5,
+                                 "alpha_range": [-3.4028234663852886e38, 3.4028234663852886e38], "dials": DIALS}
+    assert answer["data"][1] == cards["data"][1]

@@ -5,8 +5,8 @@
   token mapping does the same in that method); `_dummy_run` (profiling, warm-up, graph capture) runs at
   alpha 0. The V1 runner ignores a model's V2 model state, so this hook is what serves alphas there.
 - The front end (`InputProcessor.process_inputs`, before a request enters the engine): refuse a bad
-  alpha (a 400 from the OpenAI server, naming `vllm_xargs.alpha`) and set the request's `cache_salt`
-  from its alpha, so the prefix cache never hands one alpha's KV blocks to another alpha.
+  alpha (a 400 from the OpenAI server, naming `vllm_xargs.alpha`, or the dial) and set the request's
+  `cache_salt` from its alpha (vector), so the prefix cache never hands one alpha's KV blocks to another.
 
 Each hook acts only when the model is one of the plugin's classes, so other models served from the same
 environment are untouched.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+from ..alpha import AlphaError
 from ..vllm_format import ARCHITECTURES
 from .alpha import cache_salt, request_alpha
 
@@ -45,7 +46,7 @@ def _hook_v1_runner() -> None:
         state = _clm_alpha(self)
         if state is not None:
             num_reqs = self.input_batch.num_reqs
-            alphas = [request_alpha(self.requests[r].sampling_params, state.default_alpha)
+            alphas = [request_alpha(self.requests[r].sampling_params, state.default_alpha, state.dials)
                       for r in self.input_batch.req_ids[:num_reqs]]
             state.write_requests(alphas, num_scheduled_tokens[:num_reqs])
         return out
@@ -75,10 +76,11 @@ def _hook_input_processor() -> None:
         archs = getattr(self.model_config.hf_config, "architectures", None) or []
         if not (isinstance(params, SamplingParams) and ours.intersection(archs)):
             return process_inputs(self, *args, **kwargs)
+        info = self.model_config.hf_config.clm_alignment
         try:
-            alpha = request_alpha(params, self.model_config.hf_config.clm_alignment["default_alpha"])
-        except ValueError as err:
-            raise VLLMValidationError(str(err), parameter="vllm_xargs.alpha",
+            alpha = request_alpha(params, info["default_alpha"], info.get("dials"))
+        except AlphaError as err:
+            raise VLLMValidationError(str(err), parameter=err.param,
                                       value=(params.extra_args or {}).get("alpha")) from None
         request = process_inputs(self, *args, **kwargs)
         request.cache_salt = cache_salt(alpha, request.cache_salt)

@@ -19,12 +19,14 @@ class ClmModelState(DefaultModelState):
     def __init__(self, vllm_config, model, encoder_cache, device) -> None:
         super().__init__(vllm_config, model, encoder_cache, device)
         self.clm_alpha = model.clm_alpha  # None on pipeline stages that do not embed
-        self.req_alpha = np.zeros(self.max_num_reqs, dtype=np.float32)
+        width = () if self.clm_alpha is None else tuple(self.clm_alpha.buffer.shape[1:])  # (K,) with named dials
+        self.req_alpha = np.zeros((self.max_num_reqs,) + width, dtype=np.float32)
 
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
         if self.clm_alpha is not None:
-            self.req_alpha[req_index] = request_alpha(new_req_data.sampling_params, self.clm_alpha.default_alpha)
+            self.req_alpha[req_index] = request_alpha(new_req_data.sampling_params, self.clm_alpha.default_alpha,
+                                                      self.clm_alpha.dials)
 
     def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
         inputs = super().prepare_inputs(input_batch, req_states)

@@ -4,7 +4,8 @@
   vocabulary-sharded lookup and its all-reduce), then mixes in the d x d layer with one alpha per token
   through clm-ext's fused op, `h = x + alpha_t (x W^T + b - x)`. The layer is replicated on every rank (it
   is d x d; the lookup's output is already whole on each rank), so one code path serves any tensor-parallel
-  size.
+  size. Named dials: the K layers stacked ([K, d, d], [K, d]) and one fused dial mix with a per-token alpha
+  vector, `h = x + sum_k alpha_tk (x W_k^T + b_k - x)`.
 - layer "block": one more decoder layer of the model's own vLLM class (`model.alignment_block.block`, the
   key names of a wrapped HF model), run on the embeddings before the first layer (a forward pre-hook on it,
   as in clm_ext.layer), `h = x + alpha_t (B(x) - x)`. Its attention is vLLM's own `Attention`, named as
@@ -23,26 +24,39 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 
-from .. import ops
+from .. import dial_ops, ops
 from ..alpha import alpha_number
 from ..vllm_format import CONFIG_KEY, LAYER_PREFIXES, MODE, block_fields
 from .alpha import TokenAlpha
 
 
+class StackedDials(nn.Module):
+    """K named dials' linear layers as two stacked tensors, `weight` [K, d, d] and `bias` [K, d] (the
+    exporter's layout, loaded under the linear layer's keys)."""
+
+    def __init__(self, dials: int, d: int, dtype, device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dials, d, d, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(dials, d, dtype=dtype, device=device), requires_grad=False)
+
+
 class AlignedVocabEmbedding(VocabParallelEmbedding):
     """vLLM's VocabParallelEmbedding plus the alignment layer (`alignment.weight`, `alignment.bias`, the
-    checkpoint keys `model.embed_tokens.alignment.*`) and the per-token alpha buffer `token_alpha`."""
+    checkpoint keys `model.embed_tokens.alignment.*`; stacked for named dials) and the per-token alpha buffer
+    `token_alpha`."""
 
     @classmethod
-    def wrap(cls, embedding: VocabParallelEmbedding, max_tokens: int, default_alpha: float) -> TokenAlpha:
+    def wrap(cls, embedding: VocabParallelEmbedding, max_tokens: int, default_alpha: float,
+             dials: list = None) -> TokenAlpha:
         """Turn `embedding` into this class in place (same `.weight`, so tied heads and keys still fit)."""
         if type(embedding) is not VocabParallelEmbedding:
             raise TypeError(f"clm-ext: expected vLLM's VocabParallelEmbedding, got {type(embedding).__name__}")
         d = embedding.embedding_dim
         dtype, device = embedding.weight.dtype, embedding.weight.device
         embedding.__class__ = cls
-        embedding.alignment = nn.Linear(d, d, bias=True, dtype=dtype, device=device)
-        state = TokenAlpha(max_tokens, default_alpha, device)
+        embedding.alignment = (nn.Linear(d, d, bias=True, dtype=dtype, device=device) if dials is None
+                               else StackedDials(len(dials), d, dtype, device))
+        state = TokenAlpha(max_tokens, default_alpha, device, dials)
         embedding.register_buffer("token_alpha", state.buffer, persistent=False)
         return state
 
@@ -50,7 +64,8 @@ class AlignedVocabEmbedding(VocabParallelEmbedding):
         x = super().forward(input_ids)
         flat = x.reshape(-1, x.shape[-1])
         alpha = self.token_alpha[: flat.shape[0]]
-        h = ops.alignment_mix(flat, self.alignment.weight, self.alignment.bias, alpha)
+        mix = ops.alignment_mix if alpha.dim() == 1 else dial_ops.dial_mix
+        h = mix(flat, self.alignment.weight, self.alignment.bias, alpha)
         return h.reshape(x.shape)
 
 
@@ -77,6 +92,21 @@ class AlignmentBlock(nn.Module):
         return (positions, self(positions, x), residual, *rest), kwargs
 
 
+def _dial_names(info: dict, model: str):
+    """The checkpoint's named dials (linear layers only), or None."""
+    dials = info.get("dials")
+    if dials is None:
+        return None
+    if info["layer"] != "linear":
+        raise ValueError(f"clm-ext: {model}/config.json lists dials for a {info['layer']!r} layer; named dials are "
+                         "linear layers")
+    if not (isinstance(dials, list) and dials and all(isinstance(d, str) and d for d in dials)
+            and len(set(dials)) == len(dials)):
+        raise ValueError(f"clm-ext: '{CONFIG_KEY}.dials' in {model}/config.json must be a list of distinct names, "
+                         f"got {dials!r}")
+    return dials
+
+
 class ClmModelMixin:
     """What the plugin adds to a vLLM causal LM: the alignment layer (linear on the embedding, or block
     before the first decoder layer), its alpha state, the check that the alphas were written before each
@@ -95,12 +125,13 @@ class ClmModelMixin:
             raise ValueError("clm-ext: --enable-prompt-embeds bypasses the token embedding and so the alignment dial")
         default_alpha = alpha_number(info.get("default_alpha", 1.0), f"{CONFIG_KEY}.default_alpha")
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        dials = _dial_names(info, model_config.model)
         if info["layer"] == "block":
             self.clm_alpha = self._add_block(vllm_config, prefix, info, max_tokens, default_alpha)
             return
         embedding = getattr(self.model, "embed_tokens", None)
         # Under pipeline parallelism only the first stage embeds; the others have no dial to turn.
-        self.clm_alpha = (AlignedVocabEmbedding.wrap(embedding, max_tokens, default_alpha)
+        self.clm_alpha = (AlignedVocabEmbedding.wrap(embedding, max_tokens, default_alpha, dials)
                           if isinstance(embedding, VocabParallelEmbedding) else None)
 
     def _add_block(self, vllm_config, prefix: str, info: dict, max_tokens: int, default_alpha: float):

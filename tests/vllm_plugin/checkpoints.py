@@ -1,6 +1,7 @@
 """Tiny random checkpoints for the vLLM plugin tests (they need .venv-vllm: `./run test-vllm`; each test
 module skips itself without vLLM): a base model with a tokenizer, a trained-looking alignment layer of
-each kind (linear, block: identity plus noise), the exported directory, and the `exported` fixture.
+each kind (linear, block: identity plus noise) and two named dials, the exported directories, and the
+`exported` and `exported_dials` fixtures.
 Nothing is downloaded.
 
 vLLM runs in the test process (VLLM_ENABLE_V1_MULTIPROCESSING=0), with a 1 GiB KV cache, so the tests can
@@ -71,6 +72,28 @@ def make(root: str, arch: str = "llama", layer: str = "linear") -> dict:
     clm_ext.save_alignment(model, paths["alignment"])
     export_for_vllm(paths["base"], paths["alignment"], paths["exported"])
     return {**paths, "model": model}
+
+
+DIALS = ["positive", "concise"]
+
+
+def make_dials(root: str, arch: str = "llama") -> dict:
+    """base/, alignment/ (two named linear dials, each far from the identity) and exported/ under `root`."""
+    paths = {k: os.path.join(root, k) for k in ("base", "alignment", "exported")}
+    model = base_model(arch)
+    model.save_pretrained(paths["base"])
+    tokenizer().save_pretrained(paths["base"])
+    clm_ext.add_alignment_control(model, dials=DIALS)
+    perturb_layer(model, PERTURBATION["linear"])
+    clm_ext.save_alignment(model, paths["alignment"])
+    export_for_vllm(paths["base"], paths["alignment"], paths["exported"])
+    return {**paths, "model": model}
+
+
+@pytest.fixture(scope="session")
+def exported_dials(tmp_path_factory):
+    """{"base", "alignment", "exported", "model"} of a tiny random Llama with the two dials `DIALS`."""
+    return make_dials(str(tmp_path_factory.mktemp("dials-llama")))
 
 
 @pytest.fixture(scope="session")

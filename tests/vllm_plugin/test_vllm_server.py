@@ -2,6 +2,7 @@
 linear and the block layer: a request's alpha, as `vllm_xargs.alpha` or top-level `alpha` (what `clm
 serve`'s clients send), gives the HF + clm-ext reference log-probs; a bad alpha is a 400 naming the field
 and the server keeps serving."""
+import contextlib
 import json
 import os
 import signal
@@ -30,11 +31,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=LAYERS)
-def server(exported, tmp_path_factory, request):
-    """(url, served path, the HF reference model) of a server for one layer kind (one server at a time)."""
-    checkpoint = exported[request.param]["llama"]
-    port, path = _free_port(), checkpoint["exported"]
+@contextlib.contextmanager
+def start_server(path, tmp_path_factory):
+    """The URL of vLLM's OpenAI server with the plugin and its middleware, serving `path`; stopped on exit."""
+    port = _free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--dtype", "float32",
            "--block-size", "32", "--max-model-len", "256", "--max-num-seqs", "8", "--enforce-eager",
@@ -54,7 +54,7 @@ def server(exported, tmp_path_factory, request):
                     log.seek(0)
                     pytest.fail(f"the vLLM server did not start:\n{log.read()[-4000:]}")
                 time.sleep(2)
-        yield url, path, checkpoint["model"]
+        yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -63,6 +63,14 @@ def server(exported, tmp_path_factory, request):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module", params=LAYERS)
+def server(exported, tmp_path_factory, request):
+    """(url, served path, the HF reference model) of a server for one layer kind (one server at a time)."""
+    checkpoint = exported[request.param]["llama"]
+    with start_server(checkpoint["exported"], tmp_path_factory) as url:
+        yield url, checkpoint["exported"], checkpoint["model"]
 
 
 def _post(url, body):
