@@ -174,6 +174,18 @@ def dial_vector(values, dials, name: str = "alpha") -> list:
     return [alpha_number(values[d], f"{name}[{d!r}]") if d in values else 0.0 for d in dials]
 
 
+def request_dial_vector(value, dials, name: str = "alpha") -> list:
+    """A request's alpha for a server whose model has named dials (`clm serve`, the vLLM plugin): {dial: value}
+    as a list in the order of `dials` (a dial left out is 0), or a plain number for a model with one dial."""
+    dials = list(dials)
+    if isinstance(value, Real) and not isinstance(value, bool) and len(dials) == 1:
+        value = {dials[0]: value}
+    if not isinstance(value, dict):
+        raise AlphaTypeError(f"{name} must be an object of dial alphas such as {{{dials[0]!r}: 1.0}}: the model has "
+                             f"the dials {dials}, got {show(value)}", name)
+    return dial_vector(value, dials, name)
+
+
 def dial_alpha_tensor(alpha, dials, name: str = "alpha") -> Tensor:
     """A user's alpha for a model with named dials, as float32: a dict -> [K] (the whole batch), a list of
     dicts -> [B, K] (one vector per sequence), or a real tensor of shape [K] or [rows, K] (checked)."""

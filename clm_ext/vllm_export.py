@@ -39,8 +39,9 @@ def _plan(model_dir: str, alignment_dir: str) -> tuple:
     config = _read_json(config_path)
     info, layer = storage.read_layer(alignment_dir)
     storage.check_finite_in(layer, _served_dtypes(config), f"--alignment: the layer in {alignment_dir}")
-    if _dial_names(info) is not None:
-        layer = _stacked_dials(alignment_dir, _dial_names(info), layer)
+    dials = _dial_names(info)
+    if dials is not None:
+        layer = _stacked_dials(alignment_dir, dials, layer)
     if info.get("layer") not in LAYER_PREFIXES:
         raise ValueError(
             f"--alignment: {alignment_dir} holds a layer={info.get('layer')!r} alignment layer; the vLLM plugin "
@@ -179,8 +180,9 @@ def export_for_vllm(model_dir: str, alignment_dir: str, out: str, *, default_alp
         config["architectures"] = [ARCHITECTURES[config["architectures"][0]]]
         config[CONFIG_KEY] = {"layer": info["layer"], "mode": info["mode"], "default_alpha": default_alpha,
                               "clm_ext_version": info.get("clm_ext_version")}
-        if _dial_names(info) is not None:
-            config[CONFIG_KEY]["dials"] = _dial_names(info)
+        dials = _dial_names(info)
+        if dials is not None:
+            config[CONFIG_KEY]["dials"] = dials
         if info["layer"] == "block":
             config[CONFIG_KEY]["block"] = block_fields(config)
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -141,3 +141,36 @@ def test_clm_serve_and_the_vllm_front_door_refuse_the_same_alphas(raw, param, ma
         with pytest.raises(AlphaError, match=match) as err:
             rewrite(json.dumps(body).encode())
         assert err.value.param == param
+
+
+@pytest.mark.parametrize("alpha, param, match", [
+    (1.5, "alpha", r"object of dial alphas such as \{'positive': 1.0\}.*\['positive', 'concise'\], got 1.5"),
+    ({"sincere": 1}, "alpha", "'sincere'.*does not have"),
+    ({"positive": math.nan}, "alpha['positive']", "must be finite"),
+])
+def test_clm_serve_and_the_vllm_plugin_read_a_dial_vector_by_one_rule(alpha, param, match):
+    from types import SimpleNamespace
+
+    from clm_ext.serve.protocol import BadRequest, Limits, parse_request
+    from clm_ext.vllm.alpha import request_alpha
+
+    dials = ("positive", "concise")
+    body = {"model": "m", "prompt": "hi", "alpha": alpha}
+    with pytest.raises(BadRequest, match=match) as err:
+        parse_request(body, Limits("m", dials=dials), chat=False)
+    assert err.value.param == param
+    with pytest.raises(AlphaError, match=match) as err:
+        request_alpha(SimpleNamespace(extra_args={"alpha": alpha}), (1.0, 1.0), list(dials))
+    assert err.value.param == param.replace("alpha", "vllm_xargs.alpha", 1)
+    ok = {"model": "m", "prompt": "hi", "alpha": {"concise": -0.5}}
+    assert parse_request(ok, Limits("m", dials=dials), chat=False).alpha == (0.0, -0.5)
+
+
+def test_a_one_dial_server_takes_a_plain_number_and_names_it_out_of_range():
+    from clm_ext.serve.protocol import BadRequest, Limits, parse_request
+
+    limits = Limits("m", dials=("positive",))
+    assert parse_request({"model": "m", "prompt": "hi", "alpha": 3}, limits, chat=False).alpha == (3.0,)
+    with pytest.raises(BadRequest, match=r"alpha\['positive'\] must lie in .*got 9$") as err:
+        parse_request({"model": "m", "prompt": "hi", "alpha": 9}, limits, chat=False)
+    assert err.value.param == "alpha['positive']"

@@ -512,3 +512,6 @@ def test_serve_bad_dial_alphas_are_400s_naming_the_field(served_dials, alpha, pa
     error = response.json()["error"]
     assert error["param"] == param and re.search(message, error["message"]), error
     assert httpx.get(served_dials["base"] + "/health", timeout=10).status_code == 200
+    good = httpx.post(served_dials["base"] + "/v1/completions", timeout=30,
+                      json={"model": "tiny", "prompt": "the cat", "max_tokens": 2, "alpha": {"concise": 0.5}})
+    assert good.status_code == 200 and good.json()["alpha"] == {"positive": 0.0, "concise": 0.5}

@@ -20,10 +20,10 @@ def _floats(flag: str, text: str) -> tuple:
 def _loss_overrides(args) -> dict:
     """--loss-type, --loss-weights and --identity-decay, checked before anything loads (TRL would only refuse
     an unknown loss type at the first training step)."""
-    from trl import DPOConfig
-
     out = {}
     if args.loss_type is not None:
+        from trl import DPOConfig
+
         known = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
         out["loss_type"] = _names("--loss-type", args.loss_type)
         unknown = [t for t in out["loss_type"] if f"'{t}'" not in known]

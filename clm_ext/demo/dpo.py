@@ -85,7 +85,7 @@ def train(method: str, model, tokenizer, dataset, args, progress=None, merge_lor
     if identity_decay:
         callbacks.append(DecayToStart(identity_decay))
     trainer = make_dpo_trainer(method, model, args, train_dataset=dataset, processing_class=tokenizer,
-                               callbacks=callbacks or None)
+                               callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # the stage bar shows the loss; no log dicts on stdout
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     cuda = torch.cuda.is_available() and args.use_cpu is False

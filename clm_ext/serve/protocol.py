@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Optional, Union
 
-from ..alpha import AlphaError, alpha_from_request, dial_vector, show
+from ..alpha import AlphaError, alpha_from_request, request_dial_vector, show
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "response_format")
 
@@ -140,16 +140,11 @@ def _dial_alpha(body: dict, limits: Limits) -> tuple:
     dials, (low, high) = list(limits.dials), limits.alpha_range
 
     def check(value, name):
-        if _is_number(value) and len(dials) == 1:
-            value = {dials[0]: value}
-        if not isinstance(value, dict):
-            raise AlphaError(f"{name} must be an object of dial alphas such as {{{dials[0]!r}: 1.0}}: this server's "
-                             f"model has the dials {dials}, got {show(value)}", name)
-        vector = dial_vector(value, dials, name)
+        vector = request_dial_vector(value, dials, name)
         for dial, v in zip(dials, vector):
             if not low <= v <= high:
                 raise AlphaError(f"{name}[{dial!r}] must lie in the server's --alpha-range [{low!r}, {high!r}], "
-                                 f"got {show(value[dial])}", f"{name}[{dial!r}]")
+                                 f"got {show(value[dial] if isinstance(value, dict) else value)}", f"{name}[{dial!r}]")
         return tuple(vector)
 
     try:

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..alpha import AlphaError, AlphaTypeError, alpha_number, dial_vector, show
+from ..alpha import AlphaError, alpha_number, request_dial_vector, show
 
 SALT_PREFIX = "clm-alpha:"
 NAME = "vllm_xargs.alpha"
@@ -30,14 +30,7 @@ def request_alpha(sampling_params, default, dials: Optional[list] = None):
     value = extra["alpha"]
     if dials is None:
         return alpha_number(value, NAME)
-    if isinstance(value, list):
-        value = dial_pairs(value)
-    if isinstance(value, dict):
-        return tuple(dial_vector(value, dials, NAME))
-    if len(dials) == 1:
-        return (alpha_number(value, NAME, expected=f"a number or {{{dials[0]!r}: number}}"),)
-    raise AlphaTypeError(f"{NAME} must be an object of dial alphas such as {{{dials[0]!r}: 1.0}}: the model has the "
-                         f"dials {list(dials)}, got {show(value)}", NAME)
+    return tuple(request_dial_vector(dial_pairs(value) if isinstance(value, list) else value, dials, NAME))
 
 
 def dial_pairs(values: list) -> dict:

@@ -26,6 +26,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 
 from .. import dial_ops, ops
 from ..alpha import alpha_number
+from ..layer import _check_dial_names
 from ..vllm_format import CONFIG_KEY, LAYER_PREFIXES, MODE, block_fields
 from .alpha import TokenAlpha
 
@@ -100,10 +101,10 @@ def _dial_names(info: dict, model: str):
     if info["layer"] != "linear":
         raise ValueError(f"clm-ext: {model}/config.json lists dials for a {info['layer']!r} layer; named dials are "
                          "linear layers")
-    if not (isinstance(dials, list) and dials and all(isinstance(d, str) and d for d in dials)
-            and len(set(dials)) == len(dials)):
-        raise ValueError(f"clm-ext: '{CONFIG_KEY}.dials' in {model}/config.json must be a list of distinct names, "
-                         f"got {dials!r}")
+    try:
+        _check_dial_names(dials, ())
+    except ValueError as err:
+        raise ValueError(f"clm-ext: '{CONFIG_KEY}.dials' in {model}/config.json: {err}") from None
     return dials
 
 
