@@ -99,7 +99,8 @@ def plot_relative(rows, out: Path, name: str, metrics: dict, baseline: str) -> l
             vals = []
             for case, s in groups:
                 row, base = idx.get((case, s, provider, metric)), idx.get((case, s, baseline, metric))
-                vals.append(row["median"] / base["median"] if row and base else float("nan"))
+                # a baseline measured at 0 (a smoke run's memory delta) has no ratio: drawn as a gap
+                vals.append(row["median"] / base["median"] if row and base and base["median"] else float("nan"))
             ax.bar([i + k * width for i in range(len(groups))], vals, width, label=provider)
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))],
