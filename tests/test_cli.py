@@ -191,6 +191,12 @@ def test_demo_refuses_a_non_empty_out_before_running(capsys, tmp_path):
     (["demo", "--loss-type", "sigmoid,bogus"], ["--loss-type", "unknown bogus", "'ipo'"]),
     (["demo", "--loss-type", "sigmoid,sft", "--loss-weights", "1"], ["--loss-weights", "one weight per --loss-type (2)"]),
     (["demo", "--identity-decay", "-1"], ["--identity-decay", ">= 0"]),
+    (["demo", "--dials", "positive"], ["--dials", "two different dials", "['positive']"]),
+    (["demo", "--dials", "positive,happy"], ["--dials", "unknown dial(s) ['happy']", "positive, concise"]),
+    (["demo", "--dials", "positive,concise", "--dataset", "d.jsonl"], ["--dataset", "own on-policy pairs"]),
+    (["demo", "--dials", "positive,concise", "--alphas", "-1,2"], ["--alphas", "must hold 0 and 1"]),
+    (["demo", "--dials", "positive,concise", "--baselines", "full"], ["--baselines", "--dials"]),
+    (["demo", "--dials", "positive,concise", "--variants", "block/embed"], ["--variants", "--dials"]),
     (["train", "--optim", "adamx", "--dataset", "d", "--out", "o"], ["argument --optim", "'adamx'"]),
 ])
 def test_bad_arguments_are_one_line(workspace, capsys, argv, fragments):

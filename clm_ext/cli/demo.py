@@ -102,6 +102,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--alphas", help="comma-separated alphas to sweep, e.g. --alphas -1,0,1,2")
+    parser.add_argument("--dials", help="two named dials trained alone and composed in one model, then a grid of alpha "
+                        "vectors (--alphas, default -1,0,0.5,1,2 per dial): positive,concise")
     parser.add_argument("--variants", help="comma-separated CLM variants layer/mode among linear/embed, linear/logits, "
                         "block/embed, block/logits (default: block/logits; toy: linear/embed,linear/logits,block/logits)")
     parser.add_argument("--baselines", help="comma-separated DPO baselines among full,lora, or 'none' (default: none; "
@@ -164,8 +166,12 @@ def _overrides(args) -> dict:
     if args.alphas is not None:
         out["alphas"] = _floats("--alphas", args.alphas)
     if args.variants is not None:
+        if args.dials is not None:
+            raise UsageError("--variants picks the one-dial demo's layers; --dials trains linear dials: drop one")
         out["variants"] = _names("--variants", args.variants)
     if args.baselines is not None:
+        if args.dials is not None:
+            raise UsageError("--baselines belongs to the one-dial demo; --dials trains no baseline: drop one")
         out["baselines"] = () if args.baselines == "none" else _names("--baselines", args.baselines)
     return out
 
@@ -177,6 +183,7 @@ def run(args) -> int:
 
     from clm_ext.output_dirs import check_output_dir
 
+    dials = _dial_names(args)
     check_output_dir(args.out, {"--model": args.model, "--dataset": args.dataset}, args.force)
     threads = args.threads if args.threads is not None else (1 if args.toy else None)
     if threads is not None:
@@ -192,17 +199,49 @@ def run(args) -> int:
         overrides["lr"] = {**defaults.lr, **_learning_rates(args.lr)}
     if args.optim:
         overrides["optim"] = {**defaults.optim, **_optimizers(args.optim)}
+    if dials and args.quick and not args.toy and args.max_new_tokens is None:
+        overrides["max_new_tokens"] = 40  # a concise pair needs a finished answer: 16 tokens end almost none
     if args.toy:
         cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     else:
         cfg = DemoConfig.real(quick=args.quick, **overrides)
-    results = run_demo(cfg, args.out, model=args.model, dataset_path=args.dataset, toy=args.toy)
     out = os.path.abspath(args.out)
+    if dials:
+        return _run_dials(cfg, dials, args, out)
+    results = run_demo(cfg, args.out, model=args.model, dataset_path=args.dataset, toy=args.toy)
     print(open(os.path.join(out, "results.md")).read())
     print(f"wrote {out}/results.json, results.md, reward_vs_alpha.png in {results['total_seconds']:.0f} s")
     model = os.path.join(out, "base-model") if args.toy else results["model"]
     layers = dict.fromkeys(row["layer_dir"] for row in results["variants"].values())
     print(serve_commands(model, [os.path.abspath(d) for d in layers], out))
+    return 0
+
+
+def _dial_names(args):
+    """--dials checked before anything loads: two known dials, no --dataset (each dial makes its own pairs)."""
+    if args.dials is None:
+        return None
+    from clm_ext.demo.named_dials import check_dial_names
+
+    if args.dataset is not None:
+        raise UsageError("--dataset: each dial makes its own on-policy pairs; drop --dataset with --dials")
+    if args.alphas is not None and not {0.0, 1.0} <= set(_floats("--alphas", args.alphas)):
+        raise UsageError(f"--alphas: the dial grid must hold 0 and 1 (its checks compare them), got {args.alphas!r}")
+    try:
+        return check_dial_names(_names("--dials", args.dials))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _run_dials(cfg, dials, args, out) -> int:
+    from clm_ext.demo import named_dials
+
+    grid = cfg.alphas if args.alphas is not None else named_dials.GRID
+    results = named_dials.run(cfg, dials, out, model=args.model, toy=args.toy, grid=grid)
+    print(open(os.path.join(out, "results.md")).read())
+    print(f"wrote {out}/results.json, results.md, {named_dials.PLOT_NAME} in {results['total_seconds']:.0f} s")
+    model = os.path.join(out, "base-model") if args.toy else results["model"]
+    print(serve_commands(model, [os.path.join(out, "dials")], out))
     return 0
 
 

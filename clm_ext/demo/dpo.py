@@ -73,19 +73,23 @@ class DecayToStart(TrainerCallback):
 
 
 def train(method: str, model, tokenizer, dataset, args, progress=None, merge_lora: bool = True,
-          identity_decay: float = 0.0) -> DPOResult:
+          identity_decay: float = 0.0, dial: str = None) -> DPOResult:
     """Train `model` (wrapped beforehand for method "clm") with DPO; returns it with timings. A LoRA adapter is
     merged into the weights unless `merge_lora` is False (then the PEFT model comes back, for scaling it).
-    identity_decay: the rate of `DecayToStart` (method "clm" only; 0 = off)."""
+    identity_decay: the rate of `DecayToStart` (method "clm" only; 0 = off). dial: train that named dial alone
+    (method "clm" only; CLMDPOTrainer's `dial`)."""
     from clm_ext.train import make_dpo_trainer
 
     if identity_decay and method != "clm":
         raise ValueError(f"identity_decay: only for method 'clm' (the layer starts at the identity), got {method!r}")
+    if dial is not None and method != "clm":
+        raise ValueError(f"dial: only method 'clm' trains a named dial, got {method!r}")
     callbacks = [_Progress(progress)] if progress is not None else []
     if identity_decay:
         callbacks.append(DecayToStart(identity_decay))
+    extra = {} if dial is None else {"dial": dial}
     trainer = make_dpo_trainer(method, model, args, train_dataset=dataset, processing_class=tokenizer,
-                               callbacks=callbacks)
+                               callbacks=callbacks, **extra)
     trainer.remove_callback(PrinterCallback)  # the stage bar shows the loss; no log dicts on stdout
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     cuda = torch.cuda.is_available() and args.use_cpu is False

@@ -183,8 +183,13 @@ def plot(results: dict, out_dir: str) -> str:
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{results['model']}: reward and fluency against alignment strength")
+    return save_figure(fig, os.path.join(out_dir, PLOT_NAME))
+
+
+def save_figure(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = os.path.join(out_dir, PLOT_NAME)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

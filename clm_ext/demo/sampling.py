@@ -8,7 +8,7 @@ are measured with far less noise than with independent draws. Every row carries 
 (`clm_ext.alignment_strength` with one alpha per row), so a whole sweep is one batched `generate` per chunk.
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -23,6 +23,7 @@ class Samples:
     alphas: list       # one per completion, or None for a model without an alignment layer
     new_tokens: int    # generated tokens (up to and including EOS), for tokens/s
     seconds: float
+    finished: list = field(default_factory=list)  # per completion: the model ended it (EOS within the limit)
 
 
 class CommonNoiseSampler(LogitsProcessor):
@@ -74,6 +75,7 @@ def sample(model, tokenizer, prompts: list, samples: int, seed: int, max_new_tok
         out.new_tokens += int((new != tokenizer.pad_token_id).sum())
         out.prompts += chunk_prompts
         out.completions += tokenizer.batch_decode(new, skip_special_tokens=True)
+        out.finished += (new == tokenizer.eos_token_id).any(dim=1).tolist()
         if alphas is not None:
             out.alphas += [a for a, _, _ in chunk]
         if progress is not None:
