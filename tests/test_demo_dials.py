@@ -116,6 +116,17 @@ def test_clm_demo_dials_on_the_toy_model(tmp_path):
         assert not torch.equal(alone["weight"], torch.eye(alone["weight"].shape[0]))
     assert (out / "dials_grid.png").stat().st_size > 10_000
     assert "## Checks" in (out / "results.md").read_text()
+    # the example at (0, 0) is the base model's own sample with the same random numbers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clm_ext.demo.pipeline import DemoConfig
+
+    cfg = DemoConfig.quick()
+    base = AutoModelForCausalLM.from_pretrained(out / "base-model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "base-model")
+    alone = sampling.sample(base, tokenizer, [results["example_prompt"]], 1, cfg.seed + 2, cfg.max_new_tokens,
+                            temperature=cfg.temperature)
+    assert results["examples"][0] == {"alpha": {"positive": 0.0, "concise": 0.0}, "completion": alone.completions[0]}
 
 
 def test_only_the_clm_method_trains_a_named_dial():

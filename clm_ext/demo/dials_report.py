@@ -4,7 +4,7 @@ import json
 import os
 
 from .named_dials import PLOT_NAME, grid_vectors
-from .report import save_figure
+from .report import one_line, save_figure
 
 # (key in a grid cell, title, number format)
 PANELS = [("reward", "VADER (positive's judge)", "{:.2f}"), ("mean_words", "mean words (concise's judge)", "{:.1f}"),
@@ -41,6 +41,11 @@ def markdown(results: dict) -> str:
              "(mean ± standard error, the same random numbers in every cell)."]
     for key, title, fmt in PANELS:
         lines += ["", f"## {title}", ""] + _table(results, key, fmt)
+    lines += ["", f"## One held-out request at a few vectors ({first}, {second}), the same random numbers", "",
+              f"Request: *{results['example_prompt'].strip()}*", "", f"| {first} | {second} | completion |",
+              "|---:|---:|---|"]
+    lines += [f"| {ex['alpha'][first]:g} | {ex['alpha'][second]:g} | {one_line(ex['completion'])} |"
+              for ex in results["examples"]]
     lines += ["", "## Checks", "",
               "| dial | judge | Spearman (other dial at 0) | least Spearman over the other dial | effect at 1 | "
               "cross effect on the other judge (share of its own effect) | at (1, 1), share of the effect at 1 |",

@@ -28,6 +28,9 @@ from .report import spearman
 # The judge each dial should move, and the direction that counts as "more of the dial".
 DIAL_JUDGES = {"positive": ("reward", 1.0), "concise": ("mean_words", -1.0)}
 GRID = (-1.0, 0.0, 0.5, 1.0, 2.0)
+# The vectors the example table shows (a subset of the default grid): the base, each dial alone, both, extremes.
+SHOWCASE = ((0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (0.0, 1.0), (0.0, 2.0), (1.0, 1.0), (2.0, 2.0), (-1.0, 2.0),
+            (2.0, -1.0), (-1.0, -1.0))
 MIN_WORD_GAP = 5  # a concise pair's rejected answer is at least this many words longer than its chosen one
 PLOT_NAME = "dials_grid.png"
 _SENTENCE_END = (".", "!", "?", '"', "\u201d", ")")
@@ -125,6 +128,15 @@ def dial_checks(names: tuple, grid, cells: list) -> dict:
     return out
 
 
+def showcase(model, tokenizer, prompt: str, names: tuple, cfg) -> list:
+    """One held-out prompt's completion at each SHOWCASE vector, with the noise of the grid's first sample of
+    its first prompt (sample 0 of prompt 0: the same random numbers at every vector)."""
+    vectors = [{names[0]: x, names[1]: y} for x, y in SHOWCASE]
+    drawn = sampling.sample(model, tokenizer, [prompt], 1, cfg.seed + 2, cfg.max_new_tokens, alphas=vectors,
+                            temperature=cfg.temperature)
+    return [{"alpha": v, "completion": c} for v, c in zip(vectors, drawn.completions)]
+
+
 def decode_speed(models: dict, tokenizer, prompts: list, alphas: dict, new_tokens: int, rounds: int) -> dict:
     """Generation tokens/s of each model on the same left-padded batch, exactly `new_tokens` greedy tokens per
     row, rows at the alphas of `alphas[name]` (None: no alignment layer); median of `rounds` interleaved rounds."""
@@ -213,6 +225,8 @@ def run(cfg, names, out_dir: str, model: str = None, toy: bool = False, grid=GRI
         bar.update(1)
     results["grid_tokens_per_s"] = samples.new_tokens / samples.seconds
     results["checks"] = dial_checks(names, grid, results["cells"])
+    results["example_prompt"] = (request_of or {}).get(eval_prompts[0], eval_prompts[0])
+    results["examples"] = showcase(combined, tokenizer, eval_prompts[0], names, cfg)
     with stage("decode speed", speed_rounds) as bar:
         one = load_alignment(copy.deepcopy(base), results["per_dial"][names[0]]["dir"], dial=names[0])
         prompts = [eval_prompts[i % len(eval_prompts)] for i in range(32)]

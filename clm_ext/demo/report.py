@@ -121,7 +121,7 @@ def markdown(results: dict) -> str:
     lines += ["", f"## One held-out prompt, CLM {primary} at every alpha (same random numbers; the first sample "
               "that is negative under VADER at alpha 0)", "", f"Prompt: *{examples[0]['prompt'].strip()}*", "",
               "| alpha | completion |", "|---:|---|"]
-    lines += [f"| {ex['alpha']:g} | {_one_line(ex['completion'])} |" for ex in examples]
+    lines += [f"| {ex['alpha']:g} | {one_line(ex['completion'])} |" for ex in examples]
     lines += ["", "## Checks (VADER / TextBlob)", "",
               "| variant | Spearman on [-1, 2] | monotone on [-1, 2] | alpha 2 > alpha 1 | gain vs full DPO at "
               "alpha 1 | best alpha | max perplexity ratio, alpha <= 1.5 |", "|---|---|---|---|---:|---:|---:|"]
@@ -146,7 +146,7 @@ def _fluency(row) -> str:
             f"{row['unknown_words']:.3f} / {row['mean_words']:.1f}")
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
