@@ -202,15 +202,16 @@ def run(cfg, names, out_dir: str, model: str = None, toy: bool = False, grid=GRI
         if not rows:
             raise ValueError(f"dial {name!r}: no preference pair in the samples; raise --pair-prompts, --pair-samples "
                              "or --max-new-tokens (a concise pair needs an answer the model ended itself)")
-        pairs.write_jsonl(rows, os.path.join(out_dir, f"pairs-{name}.jsonl"))
         if getattr(tokenizer, "chat_template", None):
             rows = pipeline._conversational(rows, request_of)
+        pairs.write_jsonl(rows, os.path.join(out_dir, f"pairs-{name}.jsonl"))  # for `clm train --dataset`
         trained = pipeline._train(cfg, "clm/linear", copy.deepcopy(base), tokenizer, datasets.Dataset.from_list(rows),
                                   stage, f"dial {name}", dial=name)
-        dial_dir = os.path.join(out_dir, f"dial-{name}")
+        dial_dir = os.path.join(out_dir, f"dial-{name}")  # results name it relative to out_dir
         save_alignment(trained.model, dial_dir, dial=name)
         load_alignment(combined, dial_dir, dial=name)  # trained alone, composed here
-        results["per_dial"][name] = {"pairs": len(rows), "train": pipeline._train_info(trained), "dir": dial_dir,
+        results["per_dial"][name] = {"pairs": len(rows), "train": pipeline._train_info(trained),
+                                     "dir": os.path.basename(dial_dir),
                                      "file_bytes": _file_bytes(dial_dir)}
         del trained
     save_alignment(combined, os.path.join(out_dir, "dials"))
@@ -228,7 +229,7 @@ def run(cfg, names, out_dir: str, model: str = None, toy: bool = False, grid=GRI
     results["example_prompt"] = (request_of or {}).get(eval_prompts[0], eval_prompts[0])
     results["examples"] = showcase(combined, tokenizer, eval_prompts[0], names, cfg)
     with stage("decode speed", speed_rounds) as bar:
-        one = load_alignment(copy.deepcopy(base), results["per_dial"][names[0]]["dir"], dial=names[0])
+        one = load_alignment(copy.deepcopy(base), os.path.join(out_dir, f"dial-{names[0]}"), dial=names[0])
         prompts = [eval_prompts[i % len(eval_prompts)] for i in range(32)]
         mixed = [grid[i % len(grid)] for i in range(len(prompts))]
         results["decode_tokens_per_s"] = decode_speed(
