@@ -102,7 +102,8 @@ def test_clm_demo_dials_on_the_toy_model(tmp_path):
         assert -1 <= cell["reward"] <= 1 and cell["perplexity"] > 1 and cell["n"] == 16 * 2
     assert set(results["checks"]) == {"positive", "concise"}
     hidden = results["per_dial"]["positive"]["train"]["trainable_params"]
-    for name in ("positive", "concise"):
+    for name, lr in (("positive", 5e-4), ("concise", 1e-4)):
+        assert results["per_dial"][name]["lr"] == lr
         assert results["per_dial"][name]["train"]["trainable_params"] == hidden  # d*d + d each
         assert results["per_dial"][name]["file_bytes"] > 4 * hidden
     for row in map(json.loads, (out / "pairs-concise.jsonl").read_text().splitlines()):
@@ -134,3 +135,20 @@ def test_only_the_clm_method_trains_a_named_dial():
 
     with pytest.raises(ValueError, match="dial: only method 'clm'"):
         dpo.train("full", torch.nn.Linear(1, 1), None, None, None, dial="concise")
+
+
+def test_each_dial_trains_at_its_own_rate_unless_lr_sets_them_all(monkeypatch, tmp_path):
+    from clm_ext.cli import main
+    from clm_ext.demo import named_dials
+
+    seen = []
+
+    def stop(cfg, names, out, **kwargs):
+        seen.append(kwargs["lr"])
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(named_dials, "run", stop)
+    argv = ["demo", "--toy", "--quick", "--dials", "positive,concise", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert main([*argv, "--lr", "clm/linear=3e-4", "--out", str(tmp_path / "b")]) == 2
+    assert seen == [None, {"positive": 3e-4, "concise": 3e-4}]

@@ -103,7 +103,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--alphas", help="comma-separated alphas to sweep, e.g. --alphas -1,0,1,2")
     parser.add_argument("--dials", help="two named dials trained alone and composed in one model, then a grid of alpha "
-                        "vectors (--alphas, default -1,0,0.5,1,2 per dial): positive,concise")
+                        "vectors (--alphas, default -1,0,0.5,1,2 per dial): positive,concise (linear layers, learning "
+                        "rates 5e-4 and 1e-4; --lr clm/linear=X sets both)")
     parser.add_argument("--variants", help="comma-separated CLM variants layer/mode among linear/embed, linear/logits, "
                         "block/embed, block/logits (default: block/logits; toy: linear/embed,linear/logits,block/logits)")
     parser.add_argument("--baselines", help="comma-separated DPO baselines among full,lora, or 'none' (default: none; "
@@ -237,7 +238,10 @@ def _run_dials(cfg, dials, args, out) -> int:
     from clm_ext.demo import named_dials
 
     grid = cfg.alphas if args.alphas is not None else named_dials.GRID
-    results = named_dials.run(cfg, dials, out, model=args.model, toy=args.toy, grid=grid)
+    # each dial has its own default rate (named_dials.DIAL_LR); --lr clm/linear=X sets every dial's
+    given = any(item.partition("=")[0] == "clm/linear" for item in args.lr)
+    lr = dict.fromkeys(dials, cfg.lr["clm/linear"]) if given else None
+    results = named_dials.run(cfg, dials, out, model=args.model, toy=args.toy, grid=grid, lr=lr)
     print(open(os.path.join(out, "results.md")).read())
     print(f"wrote {out}/results.json, results.md, {named_dials.PLOT_NAME} in {results['total_seconds']:.0f} s")
     model = os.path.join(out, "base-model") if args.toy else results["model"]
