@@ -208,13 +208,16 @@ def run(args) -> int:
         cfg = DemoConfig.real(quick=args.quick, **overrides)
     out = os.path.abspath(args.out)
     if dials:
-        return _run_dials(cfg, dials, args, out)
-    results = run_demo(cfg, args.out, model=args.model, dataset_path=args.dataset, toy=args.toy)
+        results, plot, layers = _run_dials(cfg, dials, args, out)
+    else:
+        from clm_ext.demo.report import PLOT_NAME as plot
+
+        results = run_demo(cfg, args.out, model=args.model, dataset_path=args.dataset, toy=args.toy)
+        layers = [os.path.abspath(d) for d in dict.fromkeys(row["layer_dir"] for row in results["variants"].values())]
     print(open(os.path.join(out, "results.md")).read())
-    print(f"wrote {out}/results.json, results.md, reward_vs_alpha.png in {results['total_seconds']:.0f} s")
+    print(f"wrote {out}/results.json, results.md, {plot} in {results['total_seconds']:.0f} s")
     model = os.path.join(out, "base-model") if args.toy else results["model"]
-    layers = dict.fromkeys(row["layer_dir"] for row in results["variants"].values())
-    print(serve_commands(model, [os.path.abspath(d) for d in layers], out))
+    print(serve_commands(model, layers, out))
     return 0
 
 
@@ -234,7 +237,8 @@ def _dial_names(args):
         raise UsageError(str(e)) from None
 
 
-def _run_dials(cfg, dials, args, out) -> int:
+def _run_dials(cfg, dials, args, out) -> tuple:
+    """The two-dial demo: its results, its plot's name and the directory of the composed dials."""
     from clm_ext.demo import named_dials
 
     grid = cfg.alphas if args.alphas is not None else named_dials.GRID
@@ -242,11 +246,7 @@ def _run_dials(cfg, dials, args, out) -> int:
     given = any(item.partition("=")[0] == "clm/linear" for item in args.lr)
     lr = dict.fromkeys(dials, cfg.lr["clm/linear"]) if given else None
     results = named_dials.run(cfg, dials, out, model=args.model, toy=args.toy, grid=grid, lr=lr)
-    print(open(os.path.join(out, "results.md")).read())
-    print(f"wrote {out}/results.json, results.md, {named_dials.PLOT_NAME} in {results['total_seconds']:.0f} s")
-    model = os.path.join(out, "base-model") if args.toy else results["model"]
-    print(serve_commands(model, [os.path.join(out, "dials")], out))
-    return 0
+    return results, named_dials.PLOT_NAME, [os.path.join(out, "dials")]
 
 
 def serve_commands(model: str, layer_dirs: list, out: str) -> str:

@@ -3,7 +3,7 @@ heatmaps (dials_grid.png)."""
 import json
 import os
 
-from .named_dials import PLOT_NAME, grid_vectors
+from .named_dials import PLOT_NAME, cells_by_vector
 from .report import one_line, save_figure
 
 # (key in a grid cell, title, number format)
@@ -14,7 +14,7 @@ PANELS = [("reward", "VADER (positive's judge)", "{:.2f}"), ("mean_words", "mean
 def _table(results: dict, key: str, fmt: str) -> list:
     first, second = results["dials"]
     grid = results["grid"]
-    at = {(v[first], v[second]): cell for v, cell in zip(grid_vectors((first, second), grid), results["cells"])}
+    at = cells_by_vector((first, second), grid, results["cells"])
     err = key + "_stderr"
     lines = [f"| {first} \\ {second} | " + " | ".join(f"{y:g}" for y in grid) + " |", "|---:|" + "---:|" * len(grid)]
     for x in grid:
@@ -83,7 +83,7 @@ def plot(results: dict, out_dir: str) -> str:
 
     first, second = results["dials"]
     grid = results["grid"]
-    at = {(v[first], v[second]): cell for v, cell in zip(grid_vectors((first, second), grid), results["cells"])}
+    at = cells_by_vector((first, second), grid, results["cells"])
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4.6))
     for ax, (key, title, fmt) in zip(axes, PANELS):
         values = [[at[(x, y)][key] for y in grid] for x in grid]

@@ -86,6 +86,11 @@ def grid_vectors(names: tuple, grid) -> list:
     return [{names[0]: x, names[1]: y} for x in grid for y in grid]
 
 
+def cells_by_vector(names: tuple, grid, cells: list) -> dict:
+    """(first dial's alpha, second dial's alpha) -> the grid cell, for cells in `grid_vectors` order."""
+    return {(v[names[0]], v[names[1]]): cell for v, cell in zip(grid_vectors(names, grid), cells)}
+
+
 def _judge(name: str, cell: dict) -> float:
     key, sign = DIAL_JUDGES[name]
     return sign * cell[key]
@@ -102,7 +107,7 @@ def dial_checks(names: tuple, grid, cells: list) -> dict:
     for needed in (0.0, 1.0):
         if needed not in grid:
             raise ValueError(f"dial_checks: the grid must hold alpha {needed:g}, got {grid}")
-    at = {(v[names[0]], v[names[1]]): cell for v, cell in zip(grid_vectors(names, grid), cells)}
+    at = cells_by_vector(names, grid, cells)
 
     def point(i, own, other):
         return at[(own, other) if i == 0 else (other, own)]
@@ -143,8 +148,7 @@ def showcase(model, tokenizer, prompt: str, names: tuple, cfg) -> list:
 def decode_speed(models: dict, tokenizer, prompts: list, alphas: dict, new_tokens: int, rounds: int) -> dict:
     """Generation tokens/s of each model on the same left-padded batch, exactly `new_tokens` greedy tokens per
     row, rows at the alphas of `alphas[name]` (None: no alignment layer); median of `rounds` interleaved rounds."""
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                      add_special_tokens=not (tokenizer.bos_token and prompts[0].startswith(tokenizer.bos_token)))
+    batch = sampling.encode(tokenizer, prompts)
     seconds = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
@@ -173,34 +177,17 @@ def run(cfg, names, out_dir: str, model: str = None, toy: bool = False, grid=GRI
     """Pairs, one DPO run per dial (at lr[dial], default DIAL_LR), the grid, its checks and the cost; writes
     results.json, results.md and the heatmaps to `out_dir`, the dials to out_dir/dial-<name> (alone) and
     out_dir/dials (together)."""
-    import datasets
-
-    import transformers
-
-    from ..sources import DEFAULT_MODEL
-
     names = check_dial_names(names)
     lr = {**DIAL_LR, **(lr or {})}
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    os.makedirs(out_dir, exist_ok=True)
     stage = pipeline._Stages()
-    model = None if toy else (model or DEFAULT_MODEL)
-    request_of = None
-    if toy:
-        tokenizer, base, pair_prompts, eval_prompts, _ = pipeline._build_world(cfg, stage)
-        base.save_pretrained(os.path.join(out_dir, "base-model"))  # for `clm serve --model OUT/base-model`
-        tokenizer.save_pretrained(os.path.join(out_dir, "base-model"))
-    else:
-        with stage("load model", 1) as bar:
-            tokenizer, base = pipeline._load_real(cfg, model)
-            bar.update(1)
-        pair_prompts, eval_prompts, request_of = pipeline._real_prompts(cfg, tokenizer)
-    with stage("preference samples", len(pair_prompts) * cfg.pair_samples) as bar:
-        drawn = sampling.sample(base, tokenizer, pair_prompts, cfg.pair_samples, cfg.seed, cfg.max_new_tokens,
+    world = pipeline.prepare(cfg, model, toy, out_dir, stage)
+    tokenizer, base, request_of = world.tokenizer, world.base, world.request_of
+    with stage("preference samples", len(world.pair_prompts) * cfg.pair_samples) as bar:
+        drawn = sampling.sample(base, tokenizer, world.pair_prompts, cfg.pair_samples, cfg.seed, cfg.max_new_tokens,
                                 batch_size=cfg.sample_batch, progress=bar, temperature=cfg.temperature)
-    results = {"model": model or "toy", "dials": list(names), "grid": list(grid),
-               "config": {**asdict(cfg), "model": model, "dial_lr": {n: lr[n] for n in names}}, "per_dial": {}}
+    results = {"model": world.model, "dials": list(names), "grid": list(grid),
+               "config": {**asdict(cfg), "model": None if toy else world.model,
+                          "dial_lr": {n: lr[n] for n in names}}, "per_dial": {}}
     for name in names:
         rows = dial_pairs(name, drawn, cfg.min_margin)
         if not rows:
@@ -210,7 +197,7 @@ def run(cfg, names, out_dir: str, model: str = None, toy: bool = False, grid=GRI
             rows = pipeline._conversational(rows, request_of)
         pairs.write_jsonl(rows, os.path.join(out_dir, f"pairs-{name}.jsonl"))  # for `clm train --dataset`
         results["per_dial"][name] = train_dial(cfg, name, lr[name], base, tokenizer, rows, out_dir, stage)
-    return measure(cfg, results, base, tokenizer, eval_prompts, request_of, out_dir, stage, speed_rounds)
+    return measure(cfg, results, base, tokenizer, world.eval_prompts, request_of, out_dir, stage, speed_rounds)
 
 
 def train_dial(cfg, name: str, lr: float, base, tokenizer, rows: list, out_dir: str, stage) -> dict:

@@ -212,13 +212,47 @@ def _examples(drawn, alphas) -> list:
              "completion": drawn.completions[k * per_alpha + pick]} for k, a in enumerate(alphas)]
 
 
+@dataclass
+class World:
+    model: str             # the model's name or path, "toy" for the model built here
+    tokenizer: object
+    base: object
+    pair_prompts: list
+    eval_prompts: list
+    request_of: dict       # rendered prompt -> request text (None for the toy)
+    info: dict             # the toy's pretraining facts (empty for a real model)
+
+
+def prepare(cfg: DemoConfig, model: str, toy: bool, out_dir: str, stage: _Stages) -> World:
+    """The base model, its tokenizer and the prompts, with one progress bar per stage; the toy's model and
+    tokenizer are saved to out_dir/base-model (for `clm serve --model`, `clm generate`, `--dataset` reuse)."""
+    import datasets
+
+    import transformers
+
+    from ..sources import DEFAULT_MODEL
+
+    datasets.disable_progress_bars()  # one bar per stage: TRL's dataset preparation would add its own
+    transformers.utils.logging.disable_progress_bar()  # and transformers' weight loading
+    os.makedirs(out_dir, exist_ok=True)
+    if toy:
+        tokenizer, base, pair_prompts, eval_prompts, info = _build_world(cfg, stage)
+        base.save_pretrained(os.path.join(out_dir, "base-model"))
+        tokenizer.save_pretrained(os.path.join(out_dir, "base-model"))
+        return World("toy", tokenizer, base, pair_prompts, eval_prompts, None, info)
+    model = model or DEFAULT_MODEL
+    with stage("load model", 1) as bar:
+        tokenizer, base = _load_real(cfg, model)
+        bar.update(1)
+    pair_prompts, eval_prompts, request_of = _real_prompts(cfg, tokenizer)
+    return World(model, tokenizer, base, pair_prompts, eval_prompts, request_of, {})
+
+
 def run(cfg: DemoConfig, out_dir: str, model: str = None, dataset_path: str = None, toy: bool = False) -> dict:
     """Run every stage and write results.json, results.md and the plot to `out_dir`; returns the results.
 
     toy: the tiny model built here. Otherwise `model` (a packaged name, a checkpoint directory or a .gguf file;
     default smollm2-135m-instruct) is aligned on on-policy pairs, or on `dataset_path` when given."""
-    from ..sources import DEFAULT_MODEL
-
     if toy and (model is not None or dataset_path is not None):
         raise ValueError("--toy builds its own model and pairs: drop --model / --dataset, or drop --toy")
     variants = [parse_variant(v) for v in cfg.variants]
@@ -227,32 +261,15 @@ def run(cfg: DemoConfig, out_dir: str, model: str = None, dataset_path: str = No
         raise ValueError(f"--baselines: unknown method(s) {unknown}; choose from full, lora (or none)")
     import datasets
 
-    import transformers
-
-    datasets.disable_progress_bars()  # one bar per stage: TRL's dataset preparation would add its own
-    transformers.utils.logging.disable_progress_bar()  # and transformers' weight loading
-    os.makedirs(out_dir, exist_ok=True)
     stage = _Stages()
-    model = None if toy else (model or DEFAULT_MODEL)
-    results = {"model": model or "toy", "config": {**asdict(cfg), "model": model, "dataset": dataset_path}}
-    request_of = None
-    if toy:
-        tokenizer, base, pair_prompts, eval_prompts, info = _build_world(cfg, stage)
-        # Saved so that `--model DIR/base-model --dataset DIR/pairs.jsonl` and `clm generate` can reuse them.
-        base.save_pretrained(os.path.join(out_dir, "base-model"))
-        tokenizer.save_pretrained(os.path.join(out_dir, "base-model"))
-        rows = _make_pairs(cfg, base, tokenizer, pair_prompts, stage)
-        results.update(info)
-    else:
-        with stage("load model", 1) as bar:
-            tokenizer, base = _load_real(cfg, model)
-            bar.update(1)
-        pair_prompts, eval_prompts, request_of = _real_prompts(cfg, tokenizer)
-        if dataset_path is None:
-            rows = _make_pairs(cfg, base, tokenizer, pair_prompts, stage)
-            if getattr(tokenizer, "chat_template", None):
-                rows = _conversational(rows, request_of)
+    world = prepare(cfg, model, toy, out_dir, stage)
+    tokenizer, base, eval_prompts, request_of = world.tokenizer, world.base, world.eval_prompts, world.request_of
+    results = {"model": world.model, "config": {**asdict(cfg), "model": None if toy else world.model,
+                                                "dataset": dataset_path}, **world.info}
     if dataset_path is None:
+        rows = _make_pairs(cfg, base, tokenizer, world.pair_prompts, stage)
+        if getattr(tokenizer, "chat_template", None):
+            rows = _conversational(rows, request_of)
         pairs.write_jsonl(rows, os.path.join(out_dir, "pairs.jsonl"))
         dataset = datasets.Dataset.from_list(rows)
     else:

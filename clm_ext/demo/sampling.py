@@ -83,12 +83,16 @@ def sample(model, tokenizer, prompts: list, samples: int, seed: int, max_new_tok
     return out
 
 
+def encode(tokenizer, prompts: list):
+    """A left-padded batch of prompts; prompts a chat template rendered (with its BOS) get no second BOS."""
+    bos = tokenizer.bos_token
+    rendered = bool(bos) and all(p.startswith(bos) for p in prompts)
+    return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not rendered)
+
+
 def _generate(model, tokenizer, prompts, noise_ids, seed, max_new_tokens, temperature) -> torch.Tensor:
     """The new token ids of a left-padded batch (rows that finished are padded with pad)."""
-    bos = tokenizer.bos_token
-    rendered = bool(bos) and all(p.startswith(bos) for p in prompts)  # chat template already added it
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                      add_special_tokens=not rendered).to(model.device)
+    batch = encode(tokenizer, prompts).to(model.device)
     width = batch["input_ids"].shape[1]
     sampler = CommonNoiseSampler(noise_ids, width, seed, temperature)
     with torch.no_grad():
